@@ -1,0 +1,28 @@
+# `make train` and `make test` each create the virtual environment they need.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# A CPU build of torch: on this project's machines pip takes torch==2.13.0 from local disk.
+# Elsewhere, e.g.: make install TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: install train test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[train,parity,dev]"
+	touch $@
+
+train: install
+	$(PY) scripts/train.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache
