@@ -1,0 +1,376 @@
+"""Where images come from: CIFAR-10 (tfds or the torchvision folder / tarball) and sklearn's digits.
+
+Every source returns the same thing, a `Dataset` of uint8 NHWC images and int32 labels in host
+memory; augmentation and batching happen on the device (`cbam_jax.augment`, `cbam_jax.train`).
+
+CIFAR-10 is looked for in this order, first hit wins:
+  1. tensorflow-datasets data already prepared under `data_dir` (read with `tfds.data_source`,
+     array_record, so reading needs no TensorFlow);
+  2. the folder torchvision's download leaves, `<data_dir>/cifar-10-batches-py/`;
+  3. torchvision's tarball `<data_dir>/cifar-10-python.tar.gz`;
+  4. with `download=True`: tfds `download_and_prepare` when TensorFlow is installed, otherwise
+     torchvision's own tarball from the same URL, md5-checked, then read as (2).
+"""
+import dataclasses
+import hashlib
+import http.client
+import importlib.util
+import io
+import os
+import pickle
+import shutil
+import socket
+import tarfile
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy as np
+
+# The tarball torchvision.datasets.CIFAR10 downloads, and its md5 (torchvision/datasets/cifar.py).
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_TARBALL = "cifar-10-python.tar.gz"
+CIFAR10_TARBALL_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch"
+CIFAR10_META_FILE = "batches.meta"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+TFDS_MANUAL_TARBALL = "cifar-10-binary.tar.gz"  # what tfds accepts in <data_dir>/downloads/manual/
+
+DIGITS_TEST_FRACTION = 0.2  # 1,797 images -> 1,437 train / 360 test, stratified
+DIGITS_SPLIT_SEED = 0
+DIGITS_NUM_TRAIN, DIGITS_NUM_TEST = 1437, 360
+
+DATASETS = ("auto", "cifar10", "digits")
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A labelled image classification data set held in host memory."""
+    name: str                 # 'cifar10' or 'digits'
+    source: str               # human-readable: where it came from (path / tfds / download)
+    train_images: np.ndarray  # uint8 [N, 32, 32, 3]
+    train_labels: np.ndarray  # int32 [N]
+    test_images: np.ndarray   # uint8 [M, 32, 32, 3]
+    test_labels: np.ndarray   # int32 [M]
+    class_names: tuple[str, ...]
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The data set could not be found, fetched or read; the message says how to supply it."""
+
+
+class CorruptDataError(DatasetUnavailableError):
+    """A local data file exists but is truncated, corrupt or not in the expected format."""
+
+
+def how_to_supply_cifar10(data_dir: str) -> str:
+    """The ways to supply CIFAR-10, as printed whenever it cannot be obtained."""
+    d = os.path.abspath(data_dir)
+    return (
+        "Ways to supply CIFAR-10 (any one):\n"
+        f"  * torchvision's folder: put cifar-10-batches-py/ (what torchvision.datasets.CIFAR10 "
+        f"downloads) in {d}\n"
+        f"  * torchvision's tarball: put {CIFAR10_TARBALL} (from {CIFAR10_URL}) in {d}\n"
+        f"  * tensorflow-datasets: prepare cifar10 into {d} (pip install 'cbam-jax[tfds-prepare]', "
+        f"then run again with network access), or place {TFDS_MANUAL_TARBALL} in "
+        f"{os.path.join(d, 'downloads', 'manual')} and prepare offline\n"
+        "  * run with network access: the tarball is downloaded automatically\n"
+        "  * or train on the offline stand-in: --dataset digits")
+
+
+# ---------------------------------------------------------------------------------------------
+# The torchvision pickle format.
+
+def _numpy_reconstruct():
+    # numpy moved `_reconstruct` from numpy.core to numpy._core in 2.0; take it from numpy itself.
+    return np.empty(0).__reduce__()[0]
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10's batch files contain: dicts, lists, strings, ints and
+    uint8 numpy arrays. Any other global (the way a malicious pickle runs code) is refused."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+        ("numpy", "ndarray"): lambda: np.ndarray,
+        ("numpy", "dtype"): lambda: np.dtype,
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refers to {module}.{name}, which CIFAR-10 batch files never contain")
+        return self._ALLOWED[(module, name)]()
+
+
+def _unpickle_batch(raw: bytes, where: str) -> dict:
+    """Decodes one batch file (Python 2 pickles, hence latin1) into a dict with str keys."""
+    try:
+        # latin1 is torchvision's choice: it maps Python 2 byte strings 1:1, which numpy needs.
+        obj = _CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except Exception as e:  # pickle raises many types on corrupt input
+        raise CorruptDataError(
+            f"{where}: not a readable CIFAR-10 batch file ({type(e).__name__}: {e}). "
+            "Delete it (and the folder or tarball it came from) to fetch a fresh copy.") from None
+    if not isinstance(obj, dict):
+        raise CorruptDataError(f"{where}: expected a pickled dict, found {type(obj).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _decode_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """One data_batch_N / test_batch -> (uint8 [n, 32, 32, 3], int32 [n])."""
+    batch = _unpickle_batch(raw, where)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3 * 32 * 32:
+        found = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                 else type(data).__name__)
+        raise CorruptDataError(f"{where}: 'data' should be a uint8 array of shape [n, 3072], "
+                               f"found {found}")
+    if not isinstance(labels, list) or len(labels) != len(data) \
+            or not all(isinstance(y, int) and 0 <= y < 10 for y in labels):
+        raise CorruptDataError(f"{where}: 'labels' should be a list of {len(data)} ints in 0..9")
+    # Rows are channel-major (1024 R, 1024 G, 1024 B), each plane row-major.
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), np.asarray(labels, np.int32)
+
+
+def _decode_meta(raw: bytes, where: str) -> tuple[str, ...]:
+    names = _unpickle_batch(raw, where).get("label_names")
+    if not isinstance(names, list) or len(names) != 10:
+        raise CorruptDataError(f"{where}: 'label_names' should be a list of 10 class names")
+    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
+def _assemble_cifar10(read, source: str) -> Dataset:
+    """Builds the Dataset from `read(filename) -> bytes` over the six batch files and the meta."""
+    train = [_decode_batch(read(f), f"{source}/{f}") for f in CIFAR10_TRAIN_FILES]
+    test_images, test_labels = _decode_batch(read(CIFAR10_TEST_FILE),
+                                             f"{source}/{CIFAR10_TEST_FILE}")
+    class_names = _decode_meta(read(CIFAR10_META_FILE), f"{source}/{CIFAR10_META_FILE}")
+    return Dataset(
+        name="cifar10", source=source,
+        train_images=np.concatenate([x for x, _ in train]),
+        train_labels=np.concatenate([y for _, y in train]),
+        test_images=test_images, test_labels=test_labels, class_names=class_names)
+
+
+def load_cifar10_folder(folder: str) -> Dataset:
+    """Reads torchvision's `cifar-10-batches-py/` folder."""
+    def read(name):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise CorruptDataError(f"{folder}: missing {name}; the folder should hold "
+                                   f"{', '.join(CIFAR10_TRAIN_FILES)}, {CIFAR10_TEST_FILE} and "
+                                   f"{CIFAR10_META_FILE}")
+        with open(path, "rb") as f:
+            return f.read()
+    return _assemble_cifar10(read, folder)
+
+
+def _read_tarball(path: str) -> dict[str, bytes]:
+    """The batch files inside torchvision's tarball, read in memory (nothing is extracted)."""
+    wanted = {f"{CIFAR10_FOLDER}/{n}": n
+              for n in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE, CIFAR10_META_FILE)}
+    files = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                if member.name in wanted and member.isfile():
+                    files[wanted[member.name]] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise CorruptDataError(
+            f"{path}: not a readable gzip tar archive ({type(e).__name__}: {e}); the file is "
+            "truncated or corrupt. Delete it to download a fresh copy.") from None
+    missing = sorted(set(wanted.values()) - set(files))
+    if missing:
+        raise CorruptDataError(f"{path}: archive lacks {CIFAR10_FOLDER}/{', '.join(missing)}; "
+                               "is it the CIFAR-10 python version?")
+    return files
+
+
+def load_cifar10_tarball(path: str) -> Dataset:
+    """Reads torchvision's `cifar-10-python.tar.gz` without extracting it."""
+    files = _read_tarball(path)
+    return _assemble_cifar10(files.__getitem__, path)
+
+
+def _extract_tarball(path: str, data_dir: str) -> str:
+    """Writes the batch files of a verified tarball to `<data_dir>/cifar-10-batches-py/`."""
+    folder = os.path.join(data_dir, CIFAR10_FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    for name, raw in _read_tarball(path).items():  # only known names: no path traversal
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(raw)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# tensorflow-datasets.
+
+def _tfds_prepared(data_dir: str) -> bool:
+    return os.path.isdir(os.path.join(data_dir, "cifar10"))
+
+
+def load_cifar10_tfds(data_dir: str) -> Dataset:
+    """Reads CIFAR-10 prepared by tfds (array_record) under `data_dir`; no TensorFlow needed."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DatasetUnavailableError(
+            f"{data_dir}/cifar10 looks like tfds data, but tensorflow-datasets is not installed "
+            "(pip install 'cbam-jax[train]')") from None
+    try:
+        sources = tfds.data_source("cifar10", data_dir=data_dir, download=False)
+        info = tfds.builder("cifar10", data_dir=data_dir).info
+        splits = {}
+        for split in ("train", "test"):
+            src = sources[split]
+            examples = src.__getitems__(range(len(src)))
+            splits[split] = (np.stack([e["image"] for e in examples]).astype(np.uint8),
+                             np.asarray([e["label"] for e in examples], np.int32))
+        class_names = tuple(info.features["label"].names)
+    except Exception as e:  # tfds raises assorted types for missing or partial data
+        raise CorruptDataError(
+            f"{os.path.join(data_dir, 'cifar10')}: cannot read tfds CIFAR-10 "
+            f"({type(e).__name__}: {e}). It must be prepared with file_format='array_record'; "
+            "delete the folder to prepare it again.") from None
+    _check_images(splits["train"][0], "tfds cifar10 train")
+    return Dataset(name="cifar10", source=f"tfds array_record in {os.path.join(data_dir, 'cifar10')}",
+                   train_images=splits["train"][0], train_labels=splits["train"][1],
+                   test_images=splits["test"][0], test_labels=splits["test"][1],
+                   class_names=class_names)
+
+
+def _tfds_download_and_prepare(data_dir: str) -> None:
+    import tensorflow_datasets as tfds
+    builder = tfds.builder("cifar10", data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloading torchvision's tarball.
+
+def _md5(path: str) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch(url: str, dest: str) -> None:
+    """Streams `url` to `dest` through a temporary file, so an interrupted fetch leaves nothing."""
+    tmp = dest + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, \
+                open(tmp, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def download_cifar10_tarball(data_dir: str, log=print) -> str:
+    """Downloads and md5-checks torchvision's tarball into `data_dir`; returns its path."""
+    os.makedirs(data_dir, exist_ok=True)
+    path = os.path.join(data_dir, CIFAR10_TARBALL)
+    log(f"downloading CIFAR-10 (163 MB) from {CIFAR10_URL} to {path}")
+    try:
+        _fetch(CIFAR10_URL, path)
+    except (urllib.error.URLError, http.client.HTTPException, socket.timeout, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise DatasetUnavailableError(
+            f"Could not download CIFAR-10 from {CIFAR10_URL}: {reason}.\n"
+            + how_to_supply_cifar10(data_dir)) from None
+    digest = _md5(path)
+    if digest != CIFAR10_TARBALL_MD5:
+        os.remove(path)
+        raise DatasetUnavailableError(
+            f"Downloaded {path} has md5 {digest}, expected {CIFAR10_TARBALL_MD5}; deleted it.\n"
+            + how_to_supply_cifar10(data_dir))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The public entry points.
+
+def load_cifar10(data_dir: str = "./data", download: bool = True, log=print) -> Dataset:
+    """CIFAR-10 from the first source that has it (see the module docstring); raises
+    DatasetUnavailableError naming every way to supply it when none does."""
+    folder = os.path.join(data_dir, CIFAR10_FOLDER)
+    tarball = os.path.join(data_dir, CIFAR10_TARBALL)
+    if _tfds_prepared(data_dir):
+        return load_cifar10_tfds(data_dir)
+    if os.path.isdir(folder):
+        return load_cifar10_folder(folder)
+    if os.path.isfile(tarball):
+        return load_cifar10_tarball(tarball)
+    if not download:
+        raise DatasetUnavailableError(
+            f"CIFAR-10 not found in {os.path.abspath(data_dir)} and downloading is off.\n"
+            + how_to_supply_cifar10(data_dir))
+    if importlib.util.find_spec("tensorflow") is not None:
+        log(f"preparing CIFAR-10 with tensorflow-datasets into {data_dir}")
+        try:
+            _tfds_download_and_prepare(data_dir)
+        except Exception as e:  # tfds wraps network failures in assorted types
+            raise DatasetUnavailableError(
+                f"tensorflow-datasets could not prepare CIFAR-10 ({type(e).__name__}: {e}).\n"
+                + how_to_supply_cifar10(data_dir)) from None
+        return load_cifar10_tfds(data_dir)
+    path = download_cifar10_tarball(data_dir, log)
+    dataset = load_cifar10_folder(_extract_tarball(path, data_dir))
+    return dataclasses.replace(dataset, source=f"downloaded {CIFAR10_URL}, read from {folder}")
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's 1,797 real 8x8 digits as 32x32x3 uint8 (4x nearest upsampling, grey in
+    all three channels), split 1,437 train / 360 test, stratified, with a fixed seed."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+    digits = sklearn_digits()
+    pixels = digits.images.astype(np.int64)                   # [1797, 8, 8] in 0..16
+    pixels = ((pixels * 255 + 8) // 16).astype(np.uint8)      # 0..16 -> 0..255, rounded
+    images = np.repeat(np.repeat(pixels, 4, axis=1), 4, axis=2)
+    images = np.ascontiguousarray(np.broadcast_to(images[..., None], (*images.shape, 3)))
+    labels = digits.target.astype(np.int32)
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, labels, test_size=DIGITS_TEST_FRACTION, stratify=labels,
+        random_state=DIGITS_SPLIT_SEED)
+    return Dataset(name="digits", source="scikit-learn load_digits (bundled, offline)",
+                   train_images=train_x, train_labels=train_y, test_images=test_x,
+                   test_labels=test_y, class_names=tuple(str(d) for d in range(10)))
+
+
+def load_dataset(name: str = "auto", data_dir: str = "./data", download: bool = True,
+                 log=print) -> Dataset:
+    """'cifar10' (raises if unavailable), 'digits', or 'auto': CIFAR-10 when it can be had,
+    else digits, saying why. The chosen source is printed through `log`."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    if name == "digits":
+        dataset = load_digits()
+    elif name == "cifar10":
+        dataset = load_cifar10(data_dir, download, log)
+    else:
+        try:
+            dataset = load_cifar10(data_dir, download, log)
+        except DatasetUnavailableError as e:
+            log(f"CIFAR-10 is unavailable, so this run uses scikit-learn's digits instead.\n{e}")
+            dataset = load_digits()
+    log(f"dataset: {dataset.name} ({len(dataset.train_images)} train / "
+        f"{len(dataset.test_images)} test) from {dataset.source}")
+    return dataset
+
+
+def _check_images(images: np.ndarray, where: str) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise CorruptDataError(f"{where}: expected uint8 images [N, 32, 32, 3], "
+                               f"found {images.dtype} {images.shape}")
