@@ -4,7 +4,7 @@ All layers take NHWC input `x: [B, H, W, C]`; channels are inferred from the inp
 Defaults reproduce the tutorial's PyTorch modules (see shared/SPEC.md): parameter names map
 one-to-one onto theirs (`fc_0` <-> `fc.0`, `kernel` <-> `weight`).
 """
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -35,6 +35,39 @@ def _check_nhwc(x, module: str):
         )
 
 
+# Global pools over H, W for the channel gate: x [B, H, W, C] -> [B, C].
+CHANNEL_POOLS = {
+    "avg": lambda x: x.mean(axis=(1, 2)),
+    "max": lambda x: x.max(axis=(1, 2)),
+    # The official code's F.lp_pool2d(x, 2, (H, W)): sqrt of the sum (not the mean) of squares.
+    "lp": lambda x: jnp.sqrt(jnp.square(x).sum(axis=(1, 2))),
+    "lse": lambda x: jax.nn.logsumexp(x, axis=(1, 2)),
+}
+# Channel-wise pools for the spatial gate: x [B, H, W, C] -> [B, H, W].
+SPATIAL_POOLS = {"avg": lambda x: x.mean(axis=-1), "max": lambda x: x.max(axis=-1)}
+
+
+def _check_pools(names, allowed: dict, field: str):
+    if isinstance(names, str) or not names or any(n not in allowed for n in names):
+        raise ValueError(f"{field} must be a non-empty sequence of {sorted(allowed)}, got {names!r}")
+
+
+def reduced_width(channels: int, ratio: float = 16, hidden_features: int | None = None,
+                  min_hidden: int = 1, rd_round: str = "floor") -> int:
+    """Channel-MLP hidden width: `hidden_features`, else C // ratio ('floor') or round(C / ratio) ('nearest', timm)."""
+    if hidden_features is not None:
+        width = hidden_features
+    elif ratio <= 0:
+        raise ValueError(f"ChannelAttention.ratio must be > 0, got {ratio}")
+    elif rd_round == "floor":  # the tutorial's and the official `C // ratio`
+        width = int(channels // ratio)
+    elif rd_round == "nearest":  # timm's make_divisible(C / ratio, 1, round_limit=0.)
+        width = int(channels / ratio + 0.5)
+    else:
+        raise ValueError(f"rd_round must be 'floor' or 'nearest', got {rd_round!r}")
+    return max(min_hidden, width)
+
+
 class ChannelAttention(nn.Module):
     """Channel gate: a shared bias-free MLP over global average and max pools, then sigmoid.
 
@@ -46,10 +79,18 @@ class ChannelAttention(nn.Module):
     ratio: int = 16
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    pool_types: Sequence[str] = ("avg", "max")  # summed in this order; also "lp", "lse"
+    use_bias: bool = False  # MLP biases (the official code has them)
+    hidden_features: int | None = None  # overrides ratio
+    min_hidden: int = 1  # floor on the hidden width
+    rd_round: str = "floor"  # "floor": C // ratio; "nearest": timm's round(C / ratio)
+    act: Callable = nn.relu
+    gate: Callable = nn.sigmoid
 
     @nn.compact
     def __call__(self, x):  # x: [B, H, W, C]
         _check_nhwc(x, "ChannelAttention")
+        _check_pools(self.pool_types, CHANNEL_POOLS, "ChannelAttention.pool_types")
         if self.ratio < 1:
             raise ValueError(f"ChannelAttention.ratio must be >= 1, got {self.ratio}")
         channels = x.shape[-1]
@@ -59,14 +100,20 @@ class ChannelAttention(nn.Module):
                 f"ChannelAttention params were built for {built_for.shape[0]} channels: expected "
                 f"input [B, H, W, {built_for.shape[0]}], got {x.shape}"
             )
-        hidden = max(1, channels // self.ratio)
-        dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        hidden = reduced_width(channels, self.ratio, self.hidden_features, self.min_hidden,
+                               self.rd_round)
+        dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                      kernel_init=torch_kernel_init)
-        # One MLP call over both pooled descriptors: [2, B, C].
-        pooled = jnp.stack([x.mean(axis=(1, 2)), x.max(axis=(1, 2))])
-        hidden_act = nn.relu(nn.Dense(hidden, name="fc_0", **dense)(pooled))
-        logits = nn.Dense(channels, name="fc_2", **dense)(hidden_act)
-        attention = nn.sigmoid(logits[0] + logits[1])  # [B, C]
+        # One MLP call over all pooled descriptors: [P, B, C].
+        pooled = jnp.stack([CHANNEL_POOLS[p](x) for p in self.pool_types])
+        hidden_act = self.act(nn.Dense(hidden, name="fc_0", bias_init=torch_bias_init(channels),
+                                       **dense)(pooled))
+        logits = nn.Dense(channels, name="fc_2", bias_init=torch_bias_init(hidden),
+                          **dense)(hidden_act)
+        summed = logits[0]
+        for more in logits[1:]:  # in pool order, as the official loop adds them
+            summed = summed + more
+        attention = self.gate(summed)  # [B, C]
         return x * attention[:, None, None, :].astype(x.dtype)
 
 
@@ -80,37 +127,93 @@ class SpatialAttention(nn.Module):
     kernel_size: int = 7
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    pool_order: Sequence[str] = ("avg", "max")  # conv input maps; the official order is max, avg
+    use_bias: bool = False  # conv bias
+    use_bn: bool = False  # BatchNorm after the conv (official, timm); needs `train`
+    bn_momentum: float = 0.1  # PyTorch-style; the official code uses 0.01
+    bn_epsilon: float = 1e-5
+    gate: Callable = nn.sigmoid
 
     @nn.compact
-    def __call__(self, x):  # x: [B, H, W, C]
+    def __call__(self, x, train: bool = False):  # x: [B, H, W, C]
         _check_nhwc(x, "SpatialAttention")
+        _check_pools(self.pool_order, SPATIAL_POOLS, "SpatialAttention.pool_order")
         k = self.kernel_size
         if k < 1 or k % 2 == 0:
             # PyTorch's padding=k//2 with an even k makes the gate one pixel larger than x.
             raise ValueError(f"SpatialAttention.kernel_size must be odd and >= 1, got {k}")
-        maps = jnp.stack([x.mean(axis=-1), x.max(axis=-1)], axis=-1)  # [B, H, W, 2]: [avg, max]
-        logits = nn.Conv(1, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)), use_bias=False,
-                         dtype=self.dtype, param_dtype=self.param_dtype,
-                         kernel_init=torch_kernel_init, name="conv")(maps)
-        attention = nn.sigmoid(logits)  # [B, H, W, 1]
+        maps = jnp.stack([SPATIAL_POOLS[p](x) for p in self.pool_order], axis=-1)  # [B, H, W, 2]
+        logits = nn.Conv(1, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)),
+                         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                         kernel_init=torch_kernel_init,
+                         bias_init=torch_bias_init(k * k * len(self.pool_order)), name="conv")(maps)
+        if self.use_bn:
+            logits = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype,
+                               name="bn")(logits, train)
+        attention = self.gate(logits)  # [B, H, W, 1]
         self.sow("intermediates", "spatial_attention", attention)
         return x * attention.astype(x.dtype)
 
 
 class CBAM(nn.Module):
-    """Convolutional Block Attention Module: channel attention, then spatial attention."""
+    """Convolutional Block Attention Module: channel attention, then spatial attention.
+
+    Defaults are the tutorial's; `CBAM.preset('official' | 'timm', **overrides)` builds the
+    other known variants (see `CBAM_PRESETS`). With `spatial_bn`, call it with `train=`.
+    """
 
     ratio: int = 16
     kernel_size: int = 7
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    pool_types: Sequence[str] = ("avg", "max")  # channel gate pools: "avg", "max", "lp", "lse"
+    mlp_bias: bool = False
+    hidden_features: int | None = None  # channel MLP width; overrides ratio
+    min_hidden: int = 1
+    rd_round: str = "floor"  # "floor": C // ratio; "nearest": round(C / ratio) as timm
+    act: Callable = nn.relu  # channel MLP activation
+    gate: Callable = nn.sigmoid  # both gates
+    spatial_pool_order: Sequence[str] = ("avg", "max")
+    spatial_bn: bool = False
+    bn_momentum: float = 0.1
+    bn_epsilon: float = 1e-5
+    no_spatial: bool = False  # channel attention only
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "CBAM":
+        """A CBAM configured as one of `CBAM_PRESETS` ('tutorial', 'official', 'timm')."""
+        if name not in CBAM_PRESETS:
+            raise ValueError(f"unknown CBAM preset {name!r}: expected one of {sorted(CBAM_PRESETS)}")
+        return cls(**{**CBAM_PRESETS[name], **overrides})
 
     @nn.compact
-    def __call__(self, x):  # x: [B, H, W, C]
+    def __call__(self, x, train: bool = False):  # x: [B, H, W, C]
         _check_nhwc(x, "CBAM")
-        x = ChannelAttention(self.ratio, self.dtype, self.param_dtype, name="channel_attn")(x)
+        x = ChannelAttention(self.ratio, self.dtype, self.param_dtype, self.pool_types,
+                             self.mlp_bias, self.hidden_features, self.min_hidden, self.rd_round,
+                             self.act, self.gate, name="channel_attn")(x)
+        if self.no_spatial:
+            return x
         return SpatialAttention(self.kernel_size, self.dtype, self.param_dtype,
-                                name="spatial_attn")(x)
+                                self.spatial_pool_order, use_bn=self.spatial_bn,
+                                bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
+                                gate=self.gate, name="spatial_attn")(x, train)
+
+
+# What each known implementation differs in from the tutorial's defaults.
+CBAM_PRESETS = {
+    # The tutorial (shared/SPEC.md): bias-free MLP, C // 16, spatial [avg, max], no BatchNorm.
+    "tutorial": {},
+    # Jongchan/attention-module MODELS/cbam.py: Linear MLP with biases, pools summed avg + max
+    # (pool_types may add "lp", "lse"); ChannelPool is cat(max, mean); bias-free 7x7 conv then
+    # BatchNorm2d(eps=1e-5, momentum=0.01).
+    "official": dict(mlp_bias=True, spatial_pool_order=("max", "avg"), spatial_bn=True,
+                     bn_momentum=0.01),
+    # timm layers/cbam.py CbamModule: bias-free 1x1-conv MLP, rd = make_divisible(C / 16, 1)
+    # (rounds to nearest, floor 1); spatial [mean, max] through ConvNormAct (no conv bias,
+    # BatchNorm2d eps 1e-5, momentum 0.1).
+    "timm": dict(rd_round="nearest", spatial_bn=True),
+}
 
 
 class BatchNorm(nn.Module):
