@@ -180,11 +180,12 @@ class CBAM(nn.Module):
     no_spatial: bool = False  # channel attention only
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "CBAM":
+    def preset(cls, variant: str, /, **overrides) -> "CBAM":
         """A CBAM configured as one of `CBAM_PRESETS` ('tutorial', 'official', 'timm')."""
-        if name not in CBAM_PRESETS:
-            raise ValueError(f"unknown CBAM preset {name!r}: expected one of {sorted(CBAM_PRESETS)}")
-        return cls(**{**CBAM_PRESETS[name], **overrides})
+        if variant not in CBAM_PRESETS:
+            raise ValueError(f"unknown CBAM preset {variant!r}: expected one of "
+                             f"{sorted(CBAM_PRESETS)}")
+        return cls(**{**CBAM_PRESETS[variant], **overrides})
 
     @nn.compact
     def __call__(self, x, train: bool = False):  # x: [B, H, W, C]
