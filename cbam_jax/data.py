@@ -226,12 +226,11 @@ def load_cifar10_tfds(data_dir: str) -> Dataset:
             f"{data_dir}/cifar10 looks like tfds data, but tensorflow-datasets is not installed "
             "(pip install 'cbam-jax[train]')") from None
     try:
-        sources = tfds.data_source("cifar10", data_dir=data_dir, download=False)
         info = tfds.builder("cifar10", data_dir=data_dir).info
         splits = {}
         for split in ("train", "test"):
-            src = sources[split]
-            examples = src.__getitems__(range(len(src)))
+            src = tfds.data_source("cifar10", split=split, data_dir=data_dir, download=False)
+            examples = [src[i] for i in range(len(src))]
             splits[split] = (np.stack([e["image"] for e in examples]).astype(np.uint8),
                              np.asarray([e["label"] for e in examples], np.int32))
         class_names = tuple(info.features["label"].names)
@@ -245,6 +244,10 @@ def load_cifar10_tfds(data_dir: str) -> Dataset:
                    train_images=splits["train"][0], train_labels=splits["train"][1],
                    test_images=splits["test"][0], test_labels=splits["test"][1],
                    class_names=class_names)
+
+
+def _tensorflow_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
 
 
 def _tfds_download_and_prepare(data_dir: str) -> None:
@@ -316,7 +319,7 @@ def load_cifar10(data_dir: str = "./data", download: bool = True, log=print) -> 
         raise DatasetUnavailableError(
             f"CIFAR-10 not found in {os.path.abspath(data_dir)} and downloading is off.\n"
             + how_to_supply_cifar10(data_dir))
-    if importlib.util.find_spec("tensorflow") is not None:
+    if _tensorflow_available():
         log(f"preparing CIFAR-10 with tensorflow-datasets into {data_dir}")
         try:
             _tfds_download_and_prepare(data_dir)
