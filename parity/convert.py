@@ -1,0 +1,162 @@
+"""Exact weight conversion between the tutorial's `CBAM_CNN` state_dict and `cbam_jax.CBAMCNN`.
+
+Names come from `cbam_jax.models.torch_style_name`; layouts differ in three ways:
+conv kernels are OIHW in PyTorch and HWIO in Flax, Linear weights are [out, in] vs Dense
+kernels [in, out], and fc1's inputs are flattened (C, H, W) by PyTorch but (H, W, C) by NHWC.
+Every conversion is a transpose or a reshape of float32 data, so the round trip is bitwise.
+"""
+import dataclasses
+import functools
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from cbam_jax.models import BLOCK_CHANNELS, INPUT_SHAPE, CBAMCNN, torch_style_name
+from parity.reference import CBAM_CNN
+
+# fc1 reads the last CBAM's output [C, H, W] = [128, 4, 4]: three 2x2 pools halve 32 to 4.
+_FC1_INPUT_CHW = (BLOCK_CHANNELS[-1], INPUT_SHAPE[0] // 8, INPUT_SHAPE[1] // 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    collection: str  # 'params' or 'batch_stats'
+    path: tuple[str, ...]  # inside the collection, e.g. ('cbam1', 'spatial_attn', 'conv', 'kernel')
+    flax_shape: tuple[int, ...]
+    torch_shape: tuple[int, ...]
+    kind: str  # 'conv', 'linear', 'fc1' (linear with the flatten permutation), 'counter' or 'copy'
+
+
+def _flax_to_torch_array(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind == "conv":  # HWIO -> OIHW
+        return a.transpose(3, 2, 0, 1)
+    if kind == "linear":  # [in, out] -> [out, in]
+        return a.T
+    if kind == "fc1":  # [(H, W, C), out] -> [out, (C, H, W)]
+        c, h, w = _FC1_INPUT_CHW
+        return a.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w)
+    return a
+
+
+def _torch_to_flax_array(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind == "conv":  # OIHW -> HWIO
+        return a.transpose(2, 3, 1, 0)
+    if kind == "linear":
+        return a.T
+    if kind == "fc1":  # [out, (C, H, W)] -> [(H, W, C), out]
+        c, h, w = _FC1_INPUT_CHW
+        return a.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1)
+    return a
+
+
+@functools.lru_cache(maxsize=None)
+def _layout() -> "OrderedDict[str, _Leaf]":
+    """{PyTorch name: _Leaf} in `CBAM_CNN.state_dict()` order, checked against both models."""
+    with torch.device("meta"):  # shapes and key order only, no memory
+        torch_shapes = OrderedDict((k, tuple(v.shape)) for k, v in CBAM_CNN().state_dict().items())
+    template = jax.eval_shape(
+        lambda: CBAMCNN().init(jax.random.key(0), jnp.zeros((1, *INPUT_SHAPE))))
+    flax_leaves = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
+        collection, *path = (k.key for k in key_path)
+        name = torch_style_name(tuple(path))
+        if name == "fc1.weight":
+            kind = "fc1"
+        elif leaf.ndim == 4:
+            kind = "conv"
+        elif leaf.ndim == 2:
+            kind = "linear"
+        elif path[-1] == "num_batches_tracked":
+            kind = "counter"
+        else:
+            kind = "copy"
+        torch_shape = _flax_to_torch_array(kind, np.empty(leaf.shape, np.float32)).shape
+        flax_leaves[name] = _Leaf(collection, tuple(path), tuple(leaf.shape), torch_shape, kind)
+    # The two models are defined independently; a disagreement is a bug here, not bad input.
+    assert set(flax_leaves) == set(torch_shapes), sorted(set(flax_leaves) ^ set(torch_shapes))
+    assert all(flax_leaves[k].torch_shape == s for k, s in torch_shapes.items())
+    return OrderedDict((name, flax_leaves[name]) for name in torch_shapes)
+
+
+def _check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                what: str) -> None:
+    """Raise like PyTorch's strict `load_state_dict`: missing, unexpected and misshaped keys."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    misshaped = [f"{k}: got shape {list(found[k])}, expected {list(expected[k])}"
+                 for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if missing or unexpected or misshaped:
+        lines = [f"{what} does not match the tutorial's CBAM_CNN / cbam_jax.CBAMCNN:"]
+        if missing:
+            lines.append(f"  missing keys: {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys: {', '.join(unexpected)}")
+        if misshaped:
+            lines.append("  misshaped keys:\n    " + "\n    ".join(misshaped))
+        raise ValueError("\n".join(lines))
+
+
+def _as_numpy(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def torch_to_flax(state_dict: Mapping) -> dict:
+    """A `CBAM_CNN` state_dict -> `{'params': ..., 'batch_stats': ...}` for `cbam_jax.CBAMCNN`."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"torch_to_flax expects a state_dict mapping names to tensors, got "
+                        f"{type(state_dict).__name__}")
+    layout = _layout()
+    arrays = {k: _as_numpy(v) for k, v in state_dict.items()}
+    _check_keys({k: a.shape for k, a in arrays.items()},
+                {k: leaf.torch_shape for k, leaf in layout.items()}, "state_dict")
+    variables = {"params": {}, "batch_stats": {}}
+    for name, leaf in layout.items():  # torch order is call order, which `init` also uses
+        a = arrays[name]
+        if leaf.kind == "counter":
+            if not 0 <= int(a) < 2**31:  # stored as int32 on the JAX side
+                raise ValueError(f"{name} = {int(a)} does not fit int32")
+            value = jnp.asarray(a, jnp.int32)
+        else:
+            value = jnp.asarray(_torch_to_flax_array(leaf.kind, a.astype(np.float32)))
+        node = variables[leaf.collection]
+        for key in leaf.path[:-1]:
+            node = node.setdefault(key, {})
+        node[leaf.path[-1]] = value
+    return variables
+
+
+def flax_to_torch(variables: Mapping) -> "OrderedDict[str, torch.Tensor]":
+    """`cbam_jax.CBAMCNN` variables -> a state_dict that `CBAM_CNN` loads with `strict=True`."""
+    layout = _layout()
+    # Keyed "collection/path" so that a stray collection (e.g. intermediates) is reported too.
+    found = {"/".join(k.key for k in key_path): np.asarray(leaf)
+             for key_path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]}
+    key = {name: "/".join((leaf.collection, *leaf.path)) for name, leaf in layout.items()}
+    _check_keys({k: a.shape for k, a in found.items()},
+                {key[name]: leaf.flax_shape for name, leaf in layout.items()}, "variables")
+    state_dict = OrderedDict()
+    for name, leaf in layout.items():
+        a = found[key[name]]
+        if leaf.kind == "counter":
+            state_dict[name] = torch.tensor(int(a), dtype=torch.int64)
+        else:
+            a = _flax_to_torch_array(leaf.kind, a.astype(np.float32))
+            state_dict[name] = torch.from_numpy(np.ascontiguousarray(a))
+    return state_dict
+
+
+def save_pth(variables: Mapping, path) -> None:
+    """Write CBAMCNN variables as a `.pth` state_dict for the tutorial's `CBAM_CNN`."""
+    torch.save(flax_to_torch(variables), path)
+
+
+def load_pth(path) -> dict:
+    """Read a tutorial `.pth` state_dict into CBAMCNN variables."""
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    return torch_to_flax(state_dict)
