@@ -89,3 +89,4 @@ def parameter_report(params, print_fn: Callable[[str], None] | None = print) -> 
         for name, count in counts.items():
             print_fn(f"{name}: {count:,}")
     return counts
+from cbam_jax.resnet import CBAMResNet, cbam_resnet18, cbam_resnet34, cbam_resnet50, create_model  # noqa: E402,F401
