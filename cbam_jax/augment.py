@@ -98,9 +98,9 @@ def _blend(degenerate, image, factor):
     """Image.blend (libImaging/Blend.c): d + factor * (x - d) in float32, clipped, truncated."""
     d = degenerate.astype(jnp.float32)
     product = factor * (image.astype(jnp.float32) - d)
-    # Blend.c rounds the product before the sum. XLA's CPU and GPU back ends contract a multiply
-    # feeding an add into one FMA (one rounding), which moves truncated results by 1; a select
-    # between them blocks that (optimization_barrier does not survive to code generation).
+    # Blend.c rounds the product before the sum. XLA's CPU back end (LLVM, as on GPU) contracts
+    # a multiply feeding an add into one FMA (one rounding), which moves truncated results by 1;
+    # a select between them blocks that (optimization_barrier does not survive to codegen).
     product = jnp.where(jnp.isnan(product), 0.0, product)
     out = d + product
     return jnp.floor(jnp.clip(out, 0.0, 255.0)).astype(jnp.uint8)

@@ -240,7 +240,8 @@ def load_cifar10_tfds(data_dir: str) -> Dataset:
             f"({type(e).__name__}: {e}). It must be prepared with file_format='array_record'; "
             "delete the folder to prepare it again.") from None
     _check_images(splits["train"][0], "tfds cifar10 train")
-    return Dataset(name="cifar10", source=f"tfds array_record in {os.path.join(data_dir, 'cifar10')}",
+    source = f"tfds array_record in {os.path.join(data_dir, 'cifar10')}"
+    return Dataset(name="cifar10", source=source,
                    train_images=splits["train"][0], train_labels=splits["train"][1],
                    test_images=splits["test"][0], test_labels=splits["test"][1],
                    class_names=class_names)
@@ -310,7 +311,10 @@ def load_cifar10(data_dir: str = "./data", download: bool = True, log=print) -> 
     folder = os.path.join(data_dir, CIFAR10_FOLDER)
     tarball = os.path.join(data_dir, CIFAR10_TARBALL)
     if _tfds_prepared(data_dir):
-        return load_cifar10_tfds(data_dir)
+        try:
+            return load_cifar10_tfds(data_dir)
+        except DatasetUnavailableError as e:  # e.g. prepared as tfrecord: other sources may do
+            log(f"skipping tfds data: {e}")
     if os.path.isdir(folder):
         return load_cifar10_folder(folder)
     if os.path.isfile(tarball):

@@ -59,7 +59,7 @@ def sample_params(rng: np.random.Generator) -> ImageParams:
 # --- The Pillow operations (PIL image in, PIL image out). ------------------------------------
 
 def random_crop(img: Image.Image, top: int, left: int) -> Image.Image:
-    """F.pad(img, 4, fill=0) -> ImageOps.expand; F.crop -> Image.crop((left, top, right, bottom))."""
+    """F.pad(img, 4, fill=0) -> ImageOps.expand; F.crop -> Image.crop((l, t, r, b))."""
     padded = ImageOps.expand(img, border=augment.CROP_PADDING, fill=(0, 0, 0))
     height, width = augment.IMAGE_SHAPE[:2]
     return padded.crop((left, top, left + width, top + height))

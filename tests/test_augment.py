@@ -10,7 +10,6 @@ Runtime: about 25 s, mostly compiling the vmapped transforms once each."""
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -51,7 +50,8 @@ def _compare(ours, theirs):
 
 
 def _report(name, stats):
-    return f"{name}: max abs diff {stats[0]}, off by >1/255: {stats[1]:.2e}, off at all: {stats[2]:.2e}"
+    return (f"{name}: max abs diff {stats[0]}, off by >1/255: {stats[1]:.2e}, "
+            f"off at all: {stats[2]:.2e}")
 
 
 # (JAX op, the per-image arguments from AugmentParams, the Pillow op name)

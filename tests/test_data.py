@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import pickle
+import pickletools
 import socket
 import tarfile
 
@@ -65,7 +66,8 @@ def _cifar_files(seed=0):
     files = {}
     for i in range(5):
         s = slice(i * TRAIN_PER_BATCH, (i + 1) * TRAIN_PER_BATCH)
-        files[f"data_batch_{i + 1}"] = _batch(train_x[s], train_y[s], f"training batch {i + 1} of 5")
+        files[f"data_batch_{i + 1}"] = _batch(train_x[s], train_y[s],
+                                              f"training batch {i + 1} of 5")
     files["test_batch"] = _batch(test_x, test_y, "testing batch 1 of 1")
     files["batches.meta"] = _py2_pickle({"num_cases_per_batch": TRAIN_PER_BATCH,
                                          "label_names": list(data.CIFAR10_CLASSES),
@@ -105,7 +107,7 @@ def _assert_matches(dataset, truth):
 
 
 def test_python2_pickle_writer_uses_the_real_files_opcodes():
-    ops = {op.name for op, _, _ in __import__("pickletools").genops(_cifar_files()[0]["test_batch"])}
+    ops = {op.name for op, _, _ in pickletools.genops(_cifar_files()[0]["test_batch"])}
     assert {"SHORT_BINSTRING", "BINSTRING", "GLOBAL"} <= ops
     assert "BINUNICODE" not in ops and "SHORT_BINBYTES" not in ops
 
@@ -144,6 +146,16 @@ def test_prepared_tfds_dir_takes_precedence_over_the_folder(tmp_path, monkeypatc
     (tmp_path / "cifar10").mkdir()
     monkeypatch.setattr(data, "load_cifar10_tfds", lambda d: "tfds" if d == str(tmp_path) else None)
     assert data.load_cifar10(str(tmp_path), download=False) == "tfds"
+
+
+def test_unreadable_tfds_dir_is_skipped_for_the_torchvision_folder(tmp_path):
+    files, truth = _cifar_files()
+    _write_folder(tmp_path, files)
+    (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)  # e.g. prepared as tfrecord, or partial
+    lines = []
+    dataset = data.load_cifar10(str(tmp_path), download=False, log=lines.append)
+    _assert_matches(dataset, truth)
+    assert lines[0].startswith(f"skipping tfds data: {tmp_path / 'cifar10'}: cannot read")
 
 
 # --- Bad files. ------------------------------------------------------------------------------
@@ -203,7 +215,8 @@ def test_labels_out_of_range_are_reported(tmp_path):
     files["test_batch"] = _py2_pickle({"labels": [3, 10],
                                        "data": np.zeros((2, 3072), np.uint8)})
     _write_folder(tmp_path, files)
-    with pytest.raises(data.CorruptDataError, match=r"test_batch: 'labels' should be a list of 2 ints"):
+    with pytest.raises(data.CorruptDataError,
+                       match=r"test_batch: 'labels' should be a list of 2 ints"):
         data.load_cifar10(str(tmp_path), download=False)
 
 
