@@ -5,6 +5,8 @@ follow torchvision's / the official state_dict (`layer2_0.downsample_1` <-> `lay
 so `parameter_report` prints PyTorch-style names. The ImageNet stem is the 7x7/2 conv and the
 3x3/2 max-pool; the CIFAR stem is a 3x3/1 conv without max-pool. The head is a global average
 pool, which is the official AvgPool2d(7) at 224 px and avg_pool2d(4) at 32 px.
+Initialisation is torchvision's; the official code also zeroes the spatial gates' BatchNorm
+scale (each gate starts at sigmoid(0) = 0.5), which this port leaves at one, as standalone CBAM.
 """
 import functools
 from typing import Any, ClassVar, Sequence
