@@ -7,6 +7,7 @@ after it, as Pillow does; `parity/pillow_transforms.py` runs Pillow itself with 
 parameters and the tests compare the two. Randomness is split from arithmetic:
 `sample_params(key, batch) -> AugmentParams`, `apply_params(params, images) -> uint8 images`.
 """
+import functools
 from typing import NamedTuple
 
 import jax
@@ -53,7 +54,6 @@ def check_images(images) -> None:
 # its rounded reciprocal, which differs in the last bit.
 _NORMALIZED_BYTE = ((np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)
                      - np.asarray(CIFAR10_MEAN, np.float32)) / np.asarray(CIFAR10_STD, np.float32))
-_BYTE_OVER_255 = np.arange(256, dtype=np.float32) / np.float32(255.0)  # float(k) / 255, exactly
 
 
 def normalize(images) -> jax.Array:
@@ -80,6 +80,183 @@ def sample_params(key: jax.Array, batch_size: int) -> AugmentParams:
 
 
 # ---------------------------------------------------------------------------------------------
+# Exact float32 arithmetic. The colour steps below work on float32 arrays holding whole numbers
+# 0..255 ("byte values"), which keeps every step one elementwise loop XLA can vectorise. Two
+# compiler rewrites would break Pillow's rounding, and these helpers block them:
+# - LLVM (XLA's CPU and GPU back ends) contracts a multiply feeding an add into one FMA, which
+#   skips the product's rounding; a select between the two keeps it (optimization_barrier does
+#   not survive to code generation).
+# - XLA compiles a division by a constant into a multiplication by its rounded reciprocal, which
+#   can be an ulp off; `_divide` corrects that ulp.
+
+def _rounded(x):
+    """x rounded to float32 here, even if a consumer could fuse it into an FMA."""
+    return jnp.where(jnp.isnan(x), 0.0, x)
+
+
+def _divide(x, divisor: int):
+    """IEEE float32 x / divisor (correctly rounded), for x >= 0 and divisor 6 or 255.
+
+    Starts from x * (1 / divisor), at most an ulp off, and keeps the one of it and its two
+    neighbours whose residual x - divisor * q is smallest. The residual is exact: divisor * q is
+    split as 4q + 2q or 256q - q, and each subtraction is of nearby floats (Sterbenz)."""
+    residual = {6: lambda q: (x - 4 * q) - 2 * q, 255: lambda q: (x - 256 * q) + q}[divisor]
+    best = _rounded(x * np.float32(1 / divisor))
+    best_error = jnp.abs(residual(best))
+    # Non-negative floats are ordered like their bit patterns: +-1 gives the neighbours (below
+    # zero a NaN, whose comparison is false, so it is never picked).
+    bits = jax.lax.bitcast_convert_type(best, jnp.int32)
+    for step in (-1, 1):
+        candidate = jax.lax.bitcast_convert_type(bits + step, jnp.float32)
+        error = jnp.abs(residual(candidate))
+        best, best_error = (jnp.where(error < best_error, candidate, best),
+                            jnp.minimum(error, best_error))
+    return best
+
+
+def _floor_255x(x):
+    """floor(255 * x) for float32 x >= 0, exact as when C computes `x * 255.0` in double.
+
+    A float32 product would round to the integer just above in the many cases where the exact
+    product is an integer minus a hair; 256x is exact, and so are the two comparisons."""
+    a = x * 256.0
+    f = jnp.floor(a - x)
+    f = jnp.where(a - f < x, f - 1, f)          # estimate one too high
+    return jnp.where(a - (f + 1) >= x, f + 1, f)  # estimate one too low
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour, and how XLA:CPU runs it. XLA fuses elementwise steps into the op that consumes them
+# and evaluates them once per element that op writes, reusing nothing across elements. So steps
+# that mix channels (luma, HSV) work on three planes (r, g, b) of byte-valued float32, not on
+# [..., 3] arrays (which would redo the mixing per channel); and each jitter step stores its
+# result (`_stored`) before the next reads it: fused, k chained steps that each read all three
+# channels of the previous one were recomputed up to 3^k times (1.4 s for 64 images).
+
+def _planes(image):
+    """uint8 [..., 3] -> (r, g, b), byte-valued float32 [...]."""
+    x = image.astype(jnp.float32)
+    return x[..., 0], x[..., 1], x[..., 2]
+
+
+def _image(rgb):
+    """(r, g, b) -> uint8 [..., 3]."""
+    return jnp.stack(rgb, axis=-1).astype(jnp.uint8)
+
+
+# A stored pixel is one float32 r + 256 g + 65536 b (< 2^24, exact): one element per pixel, so
+# a consumer writing it computes the pixel once (rotation's gather included), not per channel.
+_PACK = (1.0, 256.0, 65536.0)
+
+
+def _pack(rgb):
+    r, g, b = rgb
+    return r + _PACK[1] * g + _PACK[2] * b
+
+
+def _unpack(packed):
+    """Packed float32 pixels [...] -> (r, g, b) int32 [...]."""
+    q = packed.astype(jnp.int32)
+    return q & 255, (q >> 8) & 255, q >> 16
+
+
+def _materialize(x):
+    """x, computed into memory once. XLA fuses elementwise work into its consumers but never
+    fuses a reduction into them, so a max over (x, -1) stores x (optimization_barrier does
+    not: XLA:CPU removes it before fusing)."""
+    return jnp.max(jnp.stack([x, jnp.full_like(x, -1.0)]), axis=0)
+
+
+def _stored(rgb):
+    """The planes, computed once per pixel into memory."""
+    return tuple(c.astype(jnp.float32) for c in _unpack(_materialize(_pack(rgb))))
+
+
+def _blend(degenerate, rgb, factor):
+    """Image.blend (libImaging/Blend.c): d + factor * (x - d) in float32, clipped, truncated.
+
+    `degenerate` is one value or plane for all three channels. Blend.c rounds the product before
+    the sum (hence `_rounded`). With factor 1 it returns x exactly, whatever d: the jitter uses
+    that to leave a slot idle."""
+    return tuple(jnp.floor(jnp.clip(degenerate + _rounded(factor * (x - degenerate)), 0.0, 255.0))
+                 for x in rgb)
+
+
+def _luma(rgb):
+    """Image.convert('L') (libImaging/Convert.c): ITU-R 601-2 luma in 16-bit fixed point.
+
+    Every partial sum is a whole number below 2^24, so float32 holds it exactly."""
+    r, g, b = rgb
+    return jnp.floor((r * 19595.0 + g * 38470.0 + b * 7471.0 + 0x8000) * np.float32(2.0 ** -16))
+
+
+def _mean_luma(rgb):
+    """ImageEnhance.Contrast's grey level int(mean(L) + 0.5) of one image."""
+    luma = _luma(rgb).astype(jnp.int32)  # an integer sum: XLA:CPU reduces int32 faster than f32
+    n = luma.size
+    return ((2 * jnp.sum(luma) + n) // (2 * n)).astype(jnp.float32)  # int(sum / n + 0.5)
+
+
+def _hsv_from_rgb(r, g, b):
+    """Image.convert('HSV') (rgb2hsv_row in libImaging/Convert.c), bit-exact: byte-valued h, s, v.
+
+    Pillow computes in float with a few steps in double; each step here is a single float32
+    rounding of the same exact value, or, for the one double sum that float32 cannot round
+    once (red maximum, green minimum), the same rounding done in integers."""
+    maxc = jnp.maximum(jnp.maximum(r, g), b)
+    minc = jnp.minimum(jnp.minimum(r, g), b)
+    grey = maxc == minc
+    chroma = jnp.where(grey, 1.0, maxc - minc)
+    s = chroma / jnp.maximum(maxc, 1.0)
+    # Pillow's rc, gc, bc = (maxc - c) / chroma are 0 for the maximum, 1 for the minimum, and m
+    # for the middle channel; its h = bc - gc | 2.0 + rc - bc | 4.0 + gc - rc (the last two in
+    # double, then rounded to float) is therefore one rounding of one of these:
+    m = (maxc - (r + g + b - maxc - minc)) / chroma
+    h = jnp.where(r == maxc, jnp.where(b == minc, 1 - m, m - 1),
+                  jnp.where(g == maxc, jnp.where(b == minc, 1 + m, 3 - m),
+                            jnp.where(r == minc, 3 + m, 5 - m)))
+    # Then h = (float) fmod(h / 6.0 + 1.0, 1.0); uh = (int)(h * 255.0). For h >= 0 that float
+    # is h / 6 correctly rounded. For h < 0, h is a multiple of 2^-24 in [-1, 0), and the float
+    # is round_half_even(n / 6) * 2^-24 with n = 6 * 2^24 + h * 2^24, done here in integers.
+    n = (6 << 24) - (-h * (1 << 24)).astype(jnp.int32)
+    q, rem = jax.lax.div(n, 6), jax.lax.rem(n, 6)
+    q = q + ((rem > 3) | ((rem == 3) & (q % 2 == 1))).astype(jnp.int32)
+    fraction = jnp.where(h < 0, q.astype(jnp.float32) * np.float32(2.0 ** -24),
+                         _divide(jnp.maximum(h, 0.0), 6))
+    uh = jnp.where(grey, 0.0, _floor_255x(fraction))
+    us = jnp.where(grey, 0.0, _floor_255x(s))
+    return uh, us, maxc
+
+
+def _rgb_from_hsv(h, s, v):
+    """Image.convert('RGB') from HSV (hsv2rgb in libImaging/Convert.c): byte-valued r, g, b.
+
+    Pillow rounds v * (1 - fs * f) computed in double; in float32 the result is the same for
+    every one of the 2^24 (h, s, v) (tests/test_augment.py checks them all): no exact value lies
+    nearer a half than the float32 error (nor on one, so round-half-even is C's round here)."""
+    six_h = 6 * h
+    i = jnp.floor((six_h + 0.5) * np.float32(1 / 255))  # 6h // 255, never near a rounding edge
+    f = _divide(six_h - 255 * i, 255)                      # float((6h % 255) / 255.0)
+    fs = _divide(s, 255)
+    p = jnp.round(v * (1 - fs))
+    q = jnp.round(v * (1 - fs * f))
+    t = jnp.round(v * (1 - fs * (1 - f)))
+    sector = jnp.where(i == 6, 0, i).astype(jnp.int32)     # i % 6 (h = 255 gives i = 6)
+    pick = functools.partial(jax.lax.select_n, sector)
+    # Sector:  0  1  2  3  4  5   (s == 0 needs no case of its own: then p = q = t = v)
+    return (pick(v, q, p, p, t, v),
+            pick(t, v, v, q, p, p),
+            pick(p, p, t, v, v, q))
+
+
+def _shift_hue(rgb, hue):
+    """torchvision's PIL adjust_hue: to HSV, add int(hue * 255) to H modulo 256, back to RGB."""
+    h, s, v = _hsv_from_rgb(*rgb)
+    shift = jnp.sign(hue) * _floor_255x(jnp.abs(hue))  # int(hue * 255.0), truncated
+    return _rgb_from_hsv(jnp.mod(h + shift, 256.0), s, v)
+
+
+# ---------------------------------------------------------------------------------------------
 # One image at a time (uint8 [32, 32, 3] in, uint8 out); vmapped over the batch below.
 
 def random_crop(image, top, left):
@@ -94,154 +271,66 @@ def horizontal_flip(image, flip):
     return jnp.where(flip, image[:, ::-1], image)
 
 
-def _blend(degenerate, image, factor):
-    """Image.blend (libImaging/Blend.c): d + factor * (x - d) in float32, clipped, truncated."""
-    d = degenerate.astype(jnp.float32)
-    product = factor * (image.astype(jnp.float32) - d)
-    # Blend.c rounds the product before the sum. XLA's CPU back end (LLVM, as on GPU) contracts
-    # a multiply feeding an add into one FMA (one rounding), which moves truncated results by 1;
-    # a select between them blocks that (optimization_barrier does not survive to codegen).
-    product = jnp.where(jnp.isnan(product), 0.0, product)
-    out = d + product
-    return jnp.floor(jnp.clip(out, 0.0, 255.0)).astype(jnp.uint8)
-
-
-def _grayscale(image):
-    """Image.convert('L') (libImaging/Convert.c): ITU-R 601-2 luma in 16-bit fixed point."""
-    rgb = image.astype(jnp.int32)
-    return (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
-
-
 def adjust_brightness(image, factor):
     """ImageEnhance.Brightness: blend with black."""
-    return _blend(jnp.zeros_like(image), image, factor)
+    return _image(_blend(0.0, _planes(image), factor))
 
 
 def adjust_contrast(image, factor):
     """ImageEnhance.Contrast: blend with the grey level int(mean(L) + 0.5) of the whole image."""
-    gray = _grayscale(image)
-    n = gray.size
-    mean = (2 * jnp.sum(gray) + n) // (2 * n)  # int(sum / n + 0.5), exactly, in integers
-    return _blend(jnp.broadcast_to(mean, image.shape), image, factor)
+    rgb = _planes(image)
+    return _image(_blend(_mean_luma(rgb), rgb, factor))
 
 
 def adjust_saturation(image, factor):
     """ImageEnhance.Color: blend with the image's own L conversion."""
-    gray = _grayscale(image)[..., None]
-    return _blend(jnp.broadcast_to(gray, image.shape), image, factor)
-
-
-def _divide_by_6(x):
-    """IEEE float32 x / 6 for 0 <= x < 8. XLA may compute x * float32(1/6) instead, off by an
-    ulp; pick the candidate within one ulp whose exact residual x - 6q is smallest."""
-    q = x / 6.0
-    candidates = jnp.stack([jnp.nextafter(q, -jnp.inf), q, jnp.nextafter(q, jnp.inf)])
-    residual = (x - 4 * candidates) - 2 * candidates  # both subtractions exact (Sterbenz)
-    best = jnp.argmin(jnp.abs(residual), axis=0)
-    return jnp.take_along_axis(candidates, best[None], axis=0)[0]
-
-
-def _floor_255x(x):
-    """floor(255 * x) for float32 x >= 0, exact as when C computes `x * 255.0` in double.
-
-    A float32 product would round to the integer just above in the many cases where the exact
-    product is an integer minus a hair; 256x is exact, and so are the two comparisons."""
-    a = x * 256.0
-    f = jnp.floor(a - x)
-    f = jnp.where(a - f < x, f - 1, f)          # estimate one too high
-    f = jnp.where(a - (f + 1) >= x, f + 1, f)   # estimate one too low
-    return f.astype(jnp.int32)
-
-
-def _rgb_to_hsv(image):
-    """Image.convert('HSV') (rgb2hsv_row in libImaging/Convert.c), bit-exact: int32 h, s, v.
-
-    Pillow computes in float with a few steps in double; each step here is a single float32
-    rounding of the same exact value, or, for the one double sum that float32 cannot round
-    once (red maximum, green minimum), the same rounding done in integers."""
-    rgb = image.astype(jnp.int32)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    maxc, minc = jnp.max(rgb, axis=-1), jnp.min(rgb, axis=-1)
-    grey = maxc == minc
-    cr = jnp.where(grey, 1, maxc - minc).astype(jnp.float32)
-    s = cr / jnp.maximum(maxc, 1).astype(jnp.float32)
-    rc, gc, bc = ((maxc - c).astype(jnp.float32) / cr for c in (r, g, b))
-    # Pillow: h = bc - gc | 2.0 + rc - bc | 4.0 + gc - rc (the last two in double). One of the
-    # two quotients is exactly 1 (it belongs to the minimum), which makes each a single rounding.
-    h = jnp.where(r == maxc, bc - gc,
-                  jnp.where(g == maxc, jnp.where(rc == 1, 3 - bc, 1 + rc),
-                            jnp.where(gc == 1, 5 - rc, 3 + gc)))
-    # Then h = (float) fmod(h / 6.0 + 1.0, 1.0); uh = (int)(h * 255.0).
-    uh_nonneg = _floor_255x(_divide_by_6(h))
-    # h < 0: h is a multiple of 2^-24 in [-1, 0), float(1 + h/6) = round_half_even(N / 6) * 2^-24.
-    n = (6 << 24) + (h * (1 << 24)).astype(jnp.int32)
-    q, rem = n // 6, n % 6
-    q = q + ((rem > 3) | ((rem == 3) & (q % 2 == 1))).astype(jnp.int32)
-    uh_neg = ((q.astype(jnp.uint32) * 255) >> 24).astype(jnp.int32)
-    uh = jnp.where(h < 0, uh_neg, uh_nonneg)
-    us = _floor_255x(s)
-    zero = jnp.zeros_like(uh)
-    return jnp.where(grey, zero, uh), jnp.where(grey, zero, us), maxc
-
-
-def _hsv_to_rgb(h, s, v):
-    """Image.convert('RGB') from HSV (hsv2rgb in libImaging/Convert.c), in float32."""
-    i = (6 * h) // 255
-    f = jnp.asarray(_BYTE_OVER_255)[(6 * h) % 255]
-    fs = jnp.asarray(_BYTE_OVER_255)[s]
-    vf = v.astype(jnp.float32)
-    rnd = lambda x: jnp.floor(x + 0.5).astype(jnp.int32)  # C round(): halves away from zero
-    p = rnd(vf * (1.0 - fs))
-    q = rnd(vf * (1.0 - fs * f))
-    t = rnd(vf * (1.0 - fs * (1.0 - f)))
-    sector = i % 6
-    pick = lambda *choices: jnp.select([sector == k for k in range(6)], choices)
-    rgb = jnp.stack([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)], -1)
-    rgb = jnp.where((s == 0)[..., None], v[..., None], rgb)
-    return jnp.clip(rgb, 0, 255).astype(jnp.uint8)
-
-
-def _truncate_255x(x):
-    """int(x * 255) in double, truncating toward zero, for float32 x of either sign."""
-    return jnp.sign(x).astype(jnp.int32) * _floor_255x(jnp.abs(x))
+    rgb = _planes(image)
+    return _image(_blend(_luma(rgb), rgb, factor))
 
 
 def adjust_hue(image, hue):
     """torchvision's PIL adjust_hue: to HSV, add int(hue * 255) to H modulo 256, back to RGB."""
-    h, s, v = _rgb_to_hsv(image)
-    h = (h + _truncate_255x(hue)) % 256
-    return _hsv_to_rgb(h, s, v)
+    return _image(_shift_hue(_planes(image), hue))
+
+
+def _color_jitter(rgb, order, brightness, contrast, saturation, hue):
+    """ColorJitter on planes, written for vmap, where a switch would compute every branch: the
+    costly hue shift runs once, and three blend slots run before it and three after. A slot
+    blends with the reference (black, mean grey or luma) and factor of the adjustment at its
+    position; an idle slot blends with factor 1, which changes nothing. Every step's result is
+    stored (`_stored`) before the next reads it."""
+    hue_position = jnp.argmax(order == HUE_ID)
+
+    def slot(rgb, position, active):
+        op = order[position]
+        factor = jax.lax.select_n(jnp.where(active, op, HUE_ID),
+                                  brightness, contrast, saturation, jnp.float32(1))
+        reference = jax.lax.select_n(jnp.minimum(op, SATURATION_ID), jnp.zeros_like(rgb[0]),
+                                     jnp.broadcast_to(_mean_luma(rgb), rgb[0].shape), _luma(rgb))
+        return _stored(_blend(reference, rgb, factor))
+
+    for position in (0, 1, 2):  # position 3 is never before the hue
+        rgb = slot(rgb, position, position < hue_position)
+    rgb = _stored(_shift_hue(rgb, hue))
+    for position in (1, 2, 3):  # position 0 is never after it
+        rgb = slot(rgb, position, position > hue_position)
+    return rgb
 
 
 def color_jitter(image, order, brightness, contrast, saturation, hue):
-    """ColorJitter(0.2, 0.2, 0.2, 0.1): the four adjustments in the per-image `order`.
-
-    Under vmap a switch computes every branch, so the costly hue shift runs once, outside: the
-    blends placed before it in `order` run first, those placed after it run last."""
-    blends = [lambda x: adjust_brightness(x, brightness), lambda x: adjust_contrast(x, contrast),
-              lambda x: adjust_saturation(x, saturation)]
-    blends.insert(HUE_ID, lambda x: x)  # the hue slot: nothing in these loops
-    hue_position = jnp.argmax(order == HUE_ID)
-
-    def blends_at(positions):
-        def step(k, x):
-            return jax.lax.switch(jnp.where(positions(k), order[k], HUE_ID), blends, x)
-        return step
-
-    image = jax.lax.fori_loop(0, 4, blends_at(lambda k: k < hue_position), image)
-    image = adjust_hue(image, hue)
-    return jax.lax.fori_loop(0, 4, blends_at(lambda k: k > hue_position), image)
+    """ColorJitter(0.2, 0.2, 0.2, 0.1): the four adjustments in the per-image `order`."""
+    return _image(_color_jitter(_planes(image), order, brightness, contrast, saturation, hue))
 
 
-def rotate(image, angle):
-    """RandomRotation: Image.rotate(angle, NEAREST, fillcolor=0) about the centre (w/2, h/2).
+def _rotation_source(angle, height, width):
+    """RandomRotation's inverse map: for each output pixel, the flat index of the input pixel
+    Image.rotate(angle, NEAREST, fillcolor=0) reads, and whether it lies inside (else: fill).
 
     For images this small Pillow runs the inverse affine map in 16.16 fixed point
     (affine_fixed in libImaging/Geometry.c): output pixel (x, y) reads input pixel
     ((A2 + y*A1 + x*A0) >> 16, (A5 + y*A4 + x*A3) >> 16), or keeps the zero fill. The integer
     part is exact here; only the six coefficients come from float32 instead of double, and may
     land one unit (2^-16 pixel) off, which moves a source pixel only at a boundary that close."""
-    height, width, _ = image.shape
     theta = -jnp.deg2rad(angle)  # Image.rotate inverts: cos, sin of -angle
     cos, sin = jnp.cos(theta), jnp.sin(theta)
     # Pillow's double matrix (a0, a1, a2, a3, a4, a5) = (cos, sin, cx - cx*cos - cy*sin,
@@ -256,22 +345,34 @@ def rotate(image, angle):
     src_x = (a2 + ys * a1 + xs * a0) >> 16
     src_y = (a5 + ys * a4 + xs * a3) >> 16
     inside = (src_x >= 0) & (src_x < width) & (src_y >= 0) & (src_y < height)
-    pixels = image[jnp.clip(src_y, 0, height - 1), jnp.clip(src_x, 0, width - 1)]
+    return jnp.clip(src_y, 0, height - 1) * width + jnp.clip(src_x, 0, width - 1), inside
+
+
+def rotate(image, angle):
+    """RandomRotation(15) with nearest interpolation and zero fill: Image.rotate about the
+    centre (w/2, h/2); see `_rotation_source`."""
+    height, width, channels = image.shape
+    source, inside = _rotation_source(angle, height, width)
+    pixels = image.reshape(height * width, channels)[source]
     return jnp.where(inside[..., None], pixels, jnp.zeros_like(pixels))
 
 
 def _transform_one(params, image):
+    """Crop, flip, jitter, rotate one uint8 image; returns packed float32 pixels [32, 32]."""
     image = random_crop(image, params.crop_top, params.crop_left)
     image = horizontal_flip(image, params.flip)
-    image = color_jitter(image, params.order, params.brightness, params.contrast,
-                         params.saturation, params.hue)
-    return rotate(image, params.angle)
+    rgb = _color_jitter(_planes(image), params.order, params.brightness, params.contrast,
+                        params.saturation, params.hue)
+    packed = _pack(rgb)  # stored by the last jitter step
+    source, inside = _rotation_source(params.angle, *packed.shape)
+    return jnp.where(inside, packed.reshape(-1)[source], 0.0)
 
 
 def apply_params(params: AugmentParams, images) -> jax.Array:
     """The train transform's geometry and colour with given parameters: uint8 in, uint8 out."""
     check_images(images)
-    return jax.vmap(_transform_one)(params, jnp.asarray(images))
+    packed = jax.vmap(_transform_one)(params, jnp.asarray(images))
+    return jnp.stack(_unpack(packed), axis=-1).astype(jnp.uint8)
 
 
 def augment(key: jax.Array, images) -> jax.Array:

@@ -93,18 +93,32 @@ def test_rotation_by_exact_quarter_turns_and_zero_is_a_permutation():
     np.testing.assert_array_equal(theirs, np.rot90(image))
 
 
-def test_hsv_conversion_is_bit_exact_on_every_second_colour():
-    """Pillow's RGB->HSV->RGB in float and double, checked over 128^3 = 2.1M colours."""
-    v = np.arange(0, 256, 2, dtype=np.uint8)
-    grid = np.stack(np.meshgrid(v, v, v, indexing="ij"), -1).reshape(1024, 2048, 3)
-    grid[0, :3] = [[255, 0, 255], [1, 0, 0], [255, 254, 253]]  # odd values and extremes too
-    h, s, val = jax.jit(augment._rgb_to_hsv)(grid)
-    pil_hsv = np.asarray(Image.fromarray(grid, "RGB").convert("HSV"))
-    ours = np.stack([np.asarray(h), np.asarray(s), np.asarray(val)], -1)
+@pytest.fixture(scope="module")
+def every_colour():
+    """All 2^24 byte triples as one 4096 x 4096 image."""
+    v = np.arange(256, dtype=np.uint8)
+    return np.stack(np.meshgrid(v, v, v, indexing="ij"), -1).reshape(4096, 4096, 3)
+
+
+def _planes_to_bytes(planes):
+    return np.stack([np.asarray(c) for c in planes], -1).astype(np.uint8)
+
+
+def test_rgb_to_hsv_is_bit_exact_for_every_colour(every_colour):
+    """Pillow's RGB->HSV in float and double, over all 2^24 colours."""
+    to_hsv = jax.jit(lambda x: augment._hsv_from_rgb(*augment._planes(x)))
+    ours = _planes_to_bytes(to_hsv(every_colour))
+    pil_hsv = np.asarray(Image.fromarray(every_colour, "RGB").convert("HSV"))
     assert _compare(ours, pil_hsv)[2] == 0, _report("rgb->hsv", _compare(ours, pil_hsv))
-    back = jax.jit(augment._hsv_to_rgb)(*(pil_hsv[..., k].astype(np.int32) for k in range(3)))
-    pil_rgb = np.asarray(Image.fromarray(pil_hsv, "HSV").convert("RGB"))
-    assert _compare(back, pil_rgb)[2] == 0, _report("hsv->rgb", _compare(back, pil_rgb))
+
+
+def test_hsv_to_rgb_is_bit_exact_for_every_hsv_triple(every_colour):
+    """Pillow's HSV->RGB, whose rounding of a double product float32 must reproduce, over all
+    2^24 (h, s, v): the hue shift feeds it h values that no RGB colour converts to."""
+    to_rgb = jax.jit(lambda x: augment._rgb_from_hsv(*augment._planes(x)))
+    ours = _planes_to_bytes(to_rgb(every_colour))
+    pil_rgb = np.asarray(Image.fromarray(every_colour, "HSV").convert("RGB"))
+    assert _compare(ours, pil_rgb)[2] == 0, _report("hsv->rgb", _compare(ours, pil_rgb))
 
 
 def test_full_train_chain_matches_pillow(images, params):
