@@ -162,9 +162,11 @@ def _unpack(packed):
 
 def _materialize(x):
     """x, computed into memory once. XLA fuses elementwise work into its consumers but never
-    fuses a reduction into them, so a max over (x, -1) stores x (optimization_barrier does
-    not: XLA:CPU removes it before fusing)."""
-    return jnp.max(jnp.stack([x, jnp.full_like(x, -1.0)]), axis=0)
+    fuses a reduction into them, so a max over (x, lowest value) stores x (an
+    optimization_barrier would not: XLA:CPU removes it before fusing)."""
+    dtype = jnp.dtype(x.dtype)
+    lowest = jnp.finfo(dtype).min if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype).min
+    return jnp.max(jnp.stack([x, jnp.full_like(x, lowest)]), axis=0)
 
 
 def _stored(rgb):
@@ -322,15 +324,14 @@ def color_jitter(image, order, brightness, contrast, saturation, hue):
     return _image(_color_jitter(_planes(image), order, brightness, contrast, saturation, hue))
 
 
-def _rotation_source(angle, height, width):
-    """RandomRotation's inverse map: for each output pixel, the flat index of the input pixel
-    Image.rotate(angle, NEAREST, fillcolor=0) reads, and whether it lies inside (else: fill).
+def _rotation_matrix(angle, height, width):
+    """Image.rotate(angle, NEAREST)'s inverse affine map in 16.16 fixed point: int32 [6].
 
-    For images this small Pillow runs the inverse affine map in 16.16 fixed point
-    (affine_fixed in libImaging/Geometry.c): output pixel (x, y) reads input pixel
-    ((A2 + y*A1 + x*A0) >> 16, (A5 + y*A4 + x*A3) >> 16), or keeps the zero fill. The integer
-    part is exact here; only the six coefficients come from float32 instead of double, and may
-    land one unit (2^-16 pixel) off, which moves a source pixel only at a boundary that close."""
+    For images this small Pillow runs the inverse map in fixed point (affine_fixed in
+    libImaging/Geometry.c): output pixel (x, y) reads input pixel ((A2 + y*A1 + x*A0) >> 16,
+    (A5 + y*A4 + x*A3) >> 16), or keeps the zero fill. The integer part is exact here; only the
+    six coefficients come from float32 instead of double, and may land one unit (2^-16 pixel)
+    off, which moves a source pixel only at a boundary that close."""
     theta = -jnp.deg2rad(angle)  # Image.rotate inverts: cos, sin of -angle
     cos, sin = jnp.cos(theta), jnp.sin(theta)
     # Pillow's double matrix (a0, a1, a2, a3, a4, a5) = (cos, sin, cx - cx*cos - cy*sin,
@@ -338,9 +339,14 @@ def _rotation_source(angle, height, width):
     # of the pixel centre folded into the translation: a2 + (a0 + a1) / 2, a5 + (a3 + a4) / 2.
     fix = lambda v: jnp.floor(v * 65536.0 + 0.5).astype(jnp.int32)
     cx, cy = width / 2, height / 2
-    a0, a1, a3, a4 = fix(cos), fix(sin), fix(-sin), fix(cos)
-    a2 = fix(cx - (cx - 0.5) * cos - (cy - 0.5) * sin)
-    a5 = fix(cy + (cx - 0.5) * sin - (cy - 0.5) * cos)
+    return jnp.stack([fix(cos), fix(sin), fix(cx - (cx - 0.5) * cos - (cy - 0.5) * sin),
+                      fix(-sin), fix(cos), fix(cy + (cx - 0.5) * sin - (cy - 0.5) * cos)])
+
+
+def _rotation_source(matrix, height, width):
+    """For each output pixel [height, width]: the flat index of the input pixel it reads, and
+    whether that lies inside the image (else it keeps the zero fill)."""
+    a0, a1, a2, a3, a4, a5 = (matrix[k] for k in range(6))
     ys, xs = jnp.meshgrid(jnp.arange(height), jnp.arange(width), indexing="ij")
     src_x = (a2 + ys * a1 + xs * a0) >> 16
     src_y = (a5 + ys * a4 + xs * a3) >> 16
@@ -349,10 +355,10 @@ def _rotation_source(angle, height, width):
 
 
 def rotate(image, angle):
-    """RandomRotation(15) with nearest interpolation and zero fill: Image.rotate about the
-    centre (w/2, h/2); see `_rotation_source`."""
+    """RandomRotation(15): Image.rotate(angle, NEAREST, fillcolor=0) about the centre (w/2, h/2);
+    see `_rotation_matrix`."""
     height, width, channels = image.shape
-    source, inside = _rotation_source(angle, height, width)
+    source, inside = _rotation_source(_rotation_matrix(angle, height, width), height, width)
     pixels = image.reshape(height * width, channels)[source]
     return jnp.where(inside[..., None], pixels, jnp.zeros_like(pixels))
 
@@ -364,8 +370,11 @@ def _transform_one(params, image):
     rgb = _color_jitter(_planes(image), params.order, params.brightness, params.contrast,
                         params.saturation, params.hue)
     packed = _pack(rgb)  # stored by the last jitter step
-    source, inside = _rotation_source(params.angle, *packed.shape)
-    return jnp.where(inside, packed.reshape(-1)[source], 0.0)
+    height, width = packed.shape
+    # Stored, so that the cos and sin are not recomputed for every pixel that uses them.
+    matrix = _materialize(_rotation_matrix(params.angle, height, width))
+    source, inside = _rotation_source(matrix, height, width)
+    return _materialize(jnp.where(inside, packed.reshape(-1)[source], 0.0))
 
 
 def apply_params(params: AugmentParams, images) -> jax.Array:
