@@ -1,0 +1,40 @@
+"""`python -m parity`: compare cbam_jax.CBAMCNN with the tutorial's CBAM_CNN, one row per tensor.
+
+Both models start from identical weights (random, or a tutorial checkpoint via --pth); the
+report covers eval and train forward passes layer by layer, the gradient of every parameter,
+and 5 Adam steps. Exits 1 if any comparison fails.
+"""
+import argparse
+import sys
+
+from parity.convert import flax_to_torch, load_pth, save_pth
+from parity.report import format_table, random_state_dict, run_report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="weights (without --pth) and batches")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--pth", help="start from this CBAM_CNN state_dict (the tutorial's "
+                        "torch.save(model.state_dict(), ...)) instead of random weights")
+    parser.add_argument("--save-pth", help="write the JAX model's variables after the Adam "
+                        "steps here, as a state_dict that CBAM_CNN loads with strict=True")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    # Through the converter, so a checkpoint of another model fails with its key report.
+    state_dict = (flax_to_torch(load_pth(args.pth)) if args.pth
+                  else random_state_dict(args.seed))
+    print(f"start: {args.pth or f'random weights, seed {args.seed}'}; batch size "
+          f"{args.batch_size}; float32 on CPU")
+    rows, trained = run_report(state_dict, seed=args.seed, batch_size=args.batch_size)
+    print(format_table(rows))
+    if args.save_pth:
+        save_pth(trained, args.save_pth)
+        print(f"wrote the JAX variables after the Adam steps to {args.save_pth}")
+    return 0 if all(r.passed for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

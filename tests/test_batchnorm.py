@@ -1,0 +1,143 @@
+"""cbam_jax.BatchNorm against torch.nn.BatchNorm2d: outputs, gradients and running statistics."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from cbam_jax import BatchNorm
+from parity.report import FORWARD, GRADIENT, RUNNING_STATS, compare
+
+CHANNELS = 6
+STEPS = 3
+
+
+def _batches(shape=(4, 5, 3, CHANNELS)):  # NHWC, non-square, n = 60 values per channel
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(*shape, generator=g) * 2 + 1) for _ in range(STEPS)]
+
+
+def _nchw(x):
+    return x.permute(0, 3, 1, 2)
+
+
+def _run_jax(batches, params=None):
+    """cbam_jax.BatchNorm over the train-mode batches: (variables, outputs in NCHW)."""
+    module = BatchNorm()
+    variables = module.init(jax.random.key(0), jnp.asarray(batches[0].numpy()), train=True)
+    if params is not None:
+        variables = {**variables, "params": params}
+    outputs = []
+    for x in batches:
+        y, updates = module.apply(variables, jnp.asarray(x.numpy()), train=True,
+                                  mutable=["batch_stats"])
+        variables = {**variables, **updates}
+        outputs.append(np.asarray(y).transpose(0, 3, 1, 2))
+    return variables, outputs
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Both BatchNorms after STEPS train-mode batches: (jax variables, jax outputs, torch bn,
+    torch outputs)."""
+    batches = _batches()
+    bn = torch.nn.BatchNorm2d(CHANNELS)
+    with torch.no_grad():  # non-trivial affine parameters, identical on both sides
+        bn.weight.copy_(torch.linspace(0.5, 1.5, CHANNELS))
+        bn.bias.copy_(torch.linspace(-0.3, 0.3, CHANNELS))
+    torch_out = [bn.train()(_nchw(x)).detach() for x in batches]
+    params = {"scale": jnp.asarray(bn.weight.detach().numpy()),
+              "bias": jnp.asarray(bn.bias.detach().numpy())}
+    variables, jax_out = _run_jax(batches, params)
+    return variables, jax_out, bn, torch_out
+
+
+def test_train_outputs_match_torch(trained):
+    _, jax_out, _, torch_out = trained
+    for step, (a, b) in enumerate(zip(jax_out, torch_out)):
+        row = compare(f"step {step}", a, b, FORWARD)
+        assert row.passed, row
+
+
+def test_running_stats_match_torch(trained):
+    variables, _, bn, _ = trained
+    stats = variables["batch_stats"]
+    assert compare("mean", stats["mean"], bn.running_mean, RUNNING_STATS).passed
+    assert compare("var", stats["var"], bn.running_var, RUNNING_STATS).passed
+
+
+def test_num_batches_tracked_counts_train_calls_not_init(trained):
+    variables, _, bn, _ = trained
+    counter = variables["batch_stats"]["num_batches_tracked"]
+    assert counter.dtype == jnp.int32
+    assert int(counter) == int(bn.num_batches_tracked) == STEPS
+
+
+def test_running_var_uses_the_unbiased_batch_variance():
+    x = _batches(shape=(2, 1, 3, CHANNELS))[0]  # n = 6: n / (n - 1) = 1.2
+    module = BatchNorm()
+    variables = module.init(jax.random.key(0), jnp.asarray(x.numpy()), train=True)
+    _, updates = module.apply(variables, jnp.asarray(x.numpy()), train=True,
+                              mutable=["batch_stats"])
+    unbiased = x.numpy().reshape(-1, CHANNELS).var(axis=0, ddof=1)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 * 1.0 + 0.1 * unbiased,
+                               rtol=1e-6)
+
+
+def test_eval_uses_running_stats_like_torch(trained):
+    variables, _, bn, _ = trained
+    x = _batches()[0] * 0.5 - 2
+    expected = bn.eval()(_nchw(x)).detach()
+    got = BatchNorm().apply(variables, jnp.asarray(x.numpy()), train=False)
+    row = compare("eval", np.asarray(got).transpose(0, 3, 1, 2), expected, FORWARD)
+    assert row.passed, row
+
+
+def test_train_gradients_match_torch():
+    x = _batches()[0]
+    weight = torch.linspace(0.5, 1.5, CHANNELS)
+    cotangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    bn = torch.nn.BatchNorm2d(CHANNELS)
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+    tx = _nchw(x).clone().requires_grad_()
+    (bn.train()(tx) * _nchw(cotangent)).sum().backward()
+
+    module = BatchNorm()
+    stats = module.init(jax.random.key(0), jnp.asarray(x.numpy()), train=True)["batch_stats"]
+
+    def loss(params, x):
+        y, _ = module.apply({"params": params, "batch_stats": stats}, x, train=True,
+                            mutable=["batch_stats"])
+        return (y * jnp.asarray(cotangent.numpy())).sum()
+
+    params = {"scale": jnp.asarray(weight.numpy()), "bias": jnp.zeros(CHANNELS)}
+    g_params, g_x = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x.numpy()))
+    assert compare("x", np.asarray(g_x).transpose(0, 3, 1, 2), tx.grad, GRADIENT).passed
+    assert compare("weight", g_params["scale"], bn.weight.grad, GRADIENT).passed
+    assert compare("bias", g_params["bias"], bn.bias.grad, GRADIENT).passed
+
+
+def test_flax_batchnorm_running_var_would_be_caught():
+    """flax.linen.BatchNorm updates the running variance with the biased batch variance; the
+    parity tolerance on running statistics flags it, while the project's BatchNorm passes."""
+    batches = _batches(shape=(2, 3, 4, CHANNELS))  # n = 24: biased is 4% below unbiased
+    bn = torch.nn.BatchNorm2d(CHANNELS)
+    for x in batches:
+        bn.train()(_nchw(x))
+
+    flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+    variables = flax_bn.init(jax.random.key(0), jnp.asarray(batches[0].numpy()))
+    for x in batches:
+        _, updates = flax_bn.apply(variables, jnp.asarray(x.numpy()), mutable=["batch_stats"])
+        variables = {**variables, **updates}
+    flax_var = compare("flax var", variables["batch_stats"]["var"], bn.running_var, RUNNING_STATS)
+    flax_mean = compare("flax mean", variables["batch_stats"]["mean"], bn.running_mean,
+                        RUNNING_STATS)
+    assert flax_mean.passed  # only the variance differs...
+    assert not flax_var.passed and flax_var.max_abs > 100 * flax_var.tol  # ...and far beyond tol
+
+    ours, _ = _run_jax(batches)
+    assert compare("var", ours["batch_stats"]["var"], bn.running_var, RUNNING_STATS).passed
