@@ -144,20 +144,17 @@ def _image(rgb):
     return jnp.stack(rgb, axis=-1).astype(jnp.uint8)
 
 
-# A stored pixel is one float32 r + 256 g + 65536 b (< 2^24, exact): one element per pixel, so
-# a consumer writing it computes the pixel once (rotation's gather included), not per channel.
-_PACK = (1.0, 256.0, 65536.0)
-
+# A stored pixel is one int32 r + 256 g + 65536 b: one element per pixel, so a consumer that
+# writes it computes the pixel once (rotation's gather included), not once per channel.
 
 def _pack(rgb):
-    r, g, b = rgb
-    return r + _PACK[1] * g + _PACK[2] * b
+    r, g, b = (c.astype(jnp.int32) for c in rgb)
+    return r | (g << 8) | (b << 16)
 
 
 def _unpack(packed):
-    """Packed float32 pixels [...] -> (r, g, b) int32 [...]."""
-    q = packed.astype(jnp.int32)
-    return q & 255, (q >> 8) & 255, q >> 16
+    """Packed int32 pixels [...] -> (r, g, b) int32 [...]."""
+    return packed & 255, (packed >> 8) & 255, packed >> 16
 
 
 def _materialize(x):
@@ -364,7 +361,7 @@ def rotate(image, angle):
 
 
 def _transform_one(params, image):
-    """Crop, flip, jitter, rotate one uint8 image; returns packed float32 pixels [32, 32]."""
+    """Crop, flip, jitter, rotate one uint8 image; returns packed int32 pixels [32, 32]."""
     image = random_crop(image, params.crop_top, params.crop_left)
     image = horizontal_flip(image, params.flip)
     rgb = _color_jitter(_planes(image), params.order, params.brightness, params.contrast,
@@ -374,7 +371,7 @@ def _transform_one(params, image):
     # Stored, so that the cos and sin are not recomputed for every pixel that uses them.
     matrix = _materialize(_rotation_matrix(params.angle, height, width))
     source, inside = _rotation_source(matrix, height, width)
-    return _materialize(jnp.where(inside, packed.reshape(-1)[source], 0.0))
+    return _materialize(jnp.where(inside, packed.reshape(-1)[source], 0))
 
 
 def apply_params(params: AugmentParams, images) -> jax.Array:
