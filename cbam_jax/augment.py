@@ -158,9 +158,12 @@ def _unpack(packed):
 
 
 def _materialize(x):
-    """x, computed into memory once. XLA fuses elementwise work into its consumers but never
-    fuses a reduction into them, so a max over (x, lowest value) stores x (an
-    optimization_barrier would not: XLA:CPU removes it before fusing)."""
+    """x, computed into memory once: a performance device only (the values are x's).
+
+    XLA fuses elementwise work into its consumers but never fuses a reduction into them, so a
+    max over (x, lowest value) stores x; XLA:CPU's own loop computes it, fused with x's producer,
+    for integers (float reductions go to a separate YNNPACK pass). An optimization_barrier does
+    not do this: XLA:CPU removes it before fusing."""
     dtype = jnp.dtype(x.dtype)
     lowest = jnp.finfo(dtype).min if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype).min
     return jnp.max(jnp.stack([x, jnp.full_like(x, lowest)]), axis=0)
