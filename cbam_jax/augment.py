@@ -109,8 +109,8 @@ def _divide(x, divisor: int):
     for step in (-1, 1):
         candidate = jax.lax.bitcast_convert_type(bits + step, jnp.float32)
         error = jnp.abs(residual(candidate))
-        best, best_error = (jnp.where(error < best_error, candidate, best),
-                            jnp.minimum(error, best_error))
+        better = error < best_error
+        best, best_error = jnp.where(better, candidate, best), jnp.where(better, error, best_error)
     return best
 
 
