@@ -8,6 +8,20 @@ whose gate is a constant 0.5 (`cbam_jax.ChannelAttention` floors the width at 1 
 import torch
 import torch.nn as nn
 
+# The tutorial's printed listing of CBAM_CNN's parameters, in order (SPEC.md).
+TUTORIAL_COUNTS = {
+    "conv1.weight": 864, "conv1.bias": 32, "bn1.weight": 32, "bn1.bias": 32,
+    "cbam1.channel_attn.fc.0.weight": 64, "cbam1.channel_attn.fc.2.weight": 64,
+    "cbam1.spatial_attn.conv.weight": 98,
+    "conv2.weight": 18432, "conv2.bias": 64, "bn2.weight": 64, "bn2.bias": 64,
+    "cbam2.channel_attn.fc.0.weight": 256, "cbam2.channel_attn.fc.2.weight": 256,
+    "cbam2.spatial_attn.conv.weight": 98,
+    "conv3.weight": 73728, "conv3.bias": 128, "bn3.weight": 128, "bn3.bias": 128,
+    "cbam3.channel_attn.fc.0.weight": 1024, "cbam3.channel_attn.fc.2.weight": 1024,
+    "cbam3.spatial_attn.conv.weight": 98,
+    "fc1.weight": 1048576, "fc1.bias": 512, "fc2.weight": 5120, "fc2.bias": 10,
+}
+
 
 class ChannelAttention(nn.Module):
     """Shared bias-free MLP over global average and max pools, summed, then sigmoid."""
@@ -62,7 +76,7 @@ class CBAM(nn.Module):
 
 
 class CBAM_CNN(nn.Module):  # noqa: N801 (the tutorial's name, kept for its checkpoints)
-    """The tutorial's CIFAR-10 model: three conv-BN-ReLU-pool-CBAM blocks, then fc1-ReLU-dropout-fc2."""
+    """The tutorial's CIFAR-10 model: 3 conv-BN-ReLU-pool-CBAM blocks, then fc1-ReLU-dropout-fc2."""
 
     def __init__(self):
         super().__init__()

@@ -9,8 +9,7 @@ import torch
 
 from cbam_jax import CBAMCNN, parameter_report
 from parity import flax_to_torch, load_pth, save_pth, torch_to_flax
-from parity.reference import CBAM_CNN
-from tests.test_reference import TUTORIAL_COUNTS
+from parity.reference import CBAM_CNN, TUTORIAL_COUNTS
 
 
 @pytest.fixture(scope="module")

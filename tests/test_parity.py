@@ -16,8 +16,7 @@ import torch
 
 from cbam_jax import CBAM, CBAMCNN, ChannelAttention, SpatialAttention
 from cbam_jax.train import make_optimizer
-from parity import flax_to_torch, torch_to_flax
-from parity import reference
+from parity import reference, torch_to_flax
 from parity.__main__ import main
 from parity.report import (FORWARD, LAYERS, Comparison, adam_comparisons, compare,
                            forward_comparisons, gradient_comparisons, nchw_to_nhwc,

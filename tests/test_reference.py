@@ -3,21 +3,8 @@ import warnings
 
 import torch
 
-from parity.reference import CBAM, CBAM_CNN, ChannelAttention, SpatialAttention
-
-# The tutorial's printed parameter listing (seed/000_*.txt and SPEC.md).
-TUTORIAL_COUNTS = {
-    "conv1.weight": 864, "conv1.bias": 32, "bn1.weight": 32, "bn1.bias": 32,
-    "cbam1.channel_attn.fc.0.weight": 64, "cbam1.channel_attn.fc.2.weight": 64,
-    "cbam1.spatial_attn.conv.weight": 98,
-    "conv2.weight": 18432, "conv2.bias": 64, "bn2.weight": 64, "bn2.bias": 64,
-    "cbam2.channel_attn.fc.0.weight": 256, "cbam2.channel_attn.fc.2.weight": 256,
-    "cbam2.spatial_attn.conv.weight": 98,
-    "conv3.weight": 73728, "conv3.bias": 128, "bn3.weight": 128, "bn3.bias": 128,
-    "cbam3.channel_attn.fc.0.weight": 1024, "cbam3.channel_attn.fc.2.weight": 1024,
-    "cbam3.spatial_attn.conv.weight": 98,
-    "fc1.weight": 1048576, "fc1.bias": 512, "fc2.weight": 5120, "fc2.bias": 10,
-}
+from parity.reference import (CBAM, CBAM_CNN, TUTORIAL_COUNTS, ChannelAttention,
+                              SpatialAttention)
 
 
 def test_parameters_are_the_tutorials_in_order_and_count():
