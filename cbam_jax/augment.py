@@ -139,11 +139,6 @@ def _planes(image):
     return x[..., 0], x[..., 1], x[..., 2]
 
 
-def _image(rgb):
-    """(r, g, b) -> uint8 [..., 3]."""
-    return jnp.stack(rgb, axis=-1).astype(jnp.uint8)
-
-
 # A stored pixel is one int32 r + 256 g + 65536 b: one element per pixel, so a consumer that
 # writes it computes the pixel once (rotation's gather included), not once per channel.
 
@@ -172,6 +167,11 @@ def _materialize(x):
 def _stored(rgb):
     """The planes, computed once per pixel into memory."""
     return tuple(c.astype(jnp.float32) for c in _unpack(_materialize(_pack(rgb))))
+
+
+def _image(rgb):
+    """(r, g, b) -> uint8 [..., 3], each pixel computed once (stored packed, then split)."""
+    return jnp.stack(_unpack(_materialize(_pack(rgb))), axis=-1).astype(jnp.uint8)
 
 
 def _blend(degenerate, rgb, factor):
