@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cbam_jax.ops import batch_norm_train
+
 Dtype = Any
 
 # PyTorch's default init for Conv2d and Linear weights, kaiming_uniform(a=sqrt(5)), is
@@ -241,20 +243,16 @@ class BatchNorm(nn.Module):
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         batches_tracked = self.variable("batch_stats", "num_batches_tracked",
                                         lambda: jnp.zeros((), jnp.int32))
-        reduce_axes = tuple(range(x.ndim - 1))
+        dtype = self.dtype or x.dtype
         if train:
-            x32 = x.astype(jnp.float32)
-            mean = x32.mean(axis=reduce_axes)
-            var = jnp.square(x32 - mean).mean(axis=reduce_axes)  # biased
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)  # biased var
             if not self.is_initializing():
                 n = x.size // features
                 unbiased = var * (n / max(n - 1, 1))
                 running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
                 running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
                 batches_tracked.value = batches_tracked.value + 1
-        else:
-            mean, var = running_mean.value, running_var.value
-        inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-        shift = bias.astype(jnp.float32) - mean * inv
-        dtype = self.dtype or x.dtype
+            return y.astype(dtype)
+        inv = jax.lax.rsqrt(running_var.value + self.epsilon) * scale.astype(jnp.float32)
+        shift = bias.astype(jnp.float32) - running_mean.value * inv
         return (x.astype(jnp.float32) * inv + shift).astype(dtype)
