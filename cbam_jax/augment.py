@@ -374,6 +374,7 @@ def _transform_one(params, image):
     # Stored, so that the cos and sin are not recomputed for every pixel that uses them.
     matrix = _materialize(_rotation_matrix(params.angle, height, width))
     source, inside = _rotation_source(matrix, height, width)
+    # Stored packed: the split into channels then reads memory instead of gathering 3 times.
     return _materialize(jnp.where(inside, packed.reshape(-1)[source], 0))
 
 
