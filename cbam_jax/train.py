@@ -475,6 +475,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
         config.batch_size)
     shown = np.asarray(dataset.test_images[:config.num_attention_images], np.uint8)
 
+    maps = None
     try:
         for epoch in range(start_epoch, config.epochs):
             state = set_learning_rate(state, plateau.lr)
@@ -510,11 +511,6 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
             maps = [np.asarray(m) for m in attention_maps(model, state, shown)]
             book.attention(epoch, shown, maps)
             book.flush()
-            plot_iter_losses(history.iter_loss, run_dir / "iteration_loss.png")
-            plot_epoch_metrics(history, run_dir / "epoch_metrics.png")
-            plot_attention(shown, maps, dataset.class_names,
-                           [int(x) for x in dataset.test_labels[:len(shown)]],
-                           run_dir / "attention_maps.png")
 
             is_best = test_acc > best_test_acc
             best_test_acc = max(best_test_acc, test_acc)
@@ -527,7 +523,13 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
                 f"| {epoch_time:.1f} s, {n_train / epoch_time:,.0f} img/s")
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
-    finally:
+    finally:  # also after a failure or Ctrl-C: the figures of the epochs that finished
         book.close()
         checkpoints.close()
+        if maps is not None:  # the last finished epoch's maps (a failed epoch's state is gone)
+            plot_iter_losses(history.iter_loss, run_dir / "iteration_loss.png")
+            plot_epoch_metrics(history, run_dir / "epoch_metrics.png")
+            plot_attention(shown, maps, dataset.class_names,
+                           [int(x) for x in dataset.test_labels[:len(shown)]],
+                           run_dir / "attention_maps.png")
     return FitResult(state, history, run_dir, len(history.test_acc))

@@ -1,0 +1,308 @@
+"""The training engine on scikit-learn's digits (offline): learning, determinism, exact resume,
+TensorBoard tags and steps, plots, checkpoints, non-finite losses, the epoch plan.
+
+Runtime budget (2 CPU cores): about 2-3 minutes, mostly XLA compiles of the train step (full
+batch, final partial batch, gradient-returning variant, rolled loop) shared by all runs through
+`cbam_jax.train.build`'s cache. All runs use the full digits set (same shapes, so no recompiles):
+8 epochs, then 2 + 1 + 1 for determinism and resume, 2 to a NaN, 1 with the rolled loop.
+"""
+import dataclasses
+import re
+import struct
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboardX.proto import event_pb2
+
+from cbam_jax import train
+from cbam_jax.checkpoint import Checkpoints
+from cbam_jax.data import load_dataset
+from cbam_jax.models import named_leaves
+from cbam_jax.schedule import PlateauState
+from cbam_jax.train import (NonFiniteLossError, ResumeMismatchError, TrainConfig, build,
+                            create_train_state, epoch_plan, evaluate, fit)
+
+# Batch 32: twice the updates of batch 64 for the same compute, which digits needs under the
+# tutorial's augmentation to pass 90% within a few epochs (measured: 95.0% after 8 epochs,
+# 89-94% after 5-7).
+CONFIG = TrainConfig(epochs=8, batch_size=32, log_every=5, hist_every=20)
+EPOCHS = CONFIG.epochs
+DIGITS_BATCHES = 45  # 1437 train images = 44 * 32 + 29
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", log=quiet)
+
+
+@pytest.fixture(scope="module")
+def full_run(digits, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    return fit(CONFIG, digits, run_dir, log=quiet, progress_stream=open("/dev/null", "w"))
+
+
+def read_events(run_dir):
+    """Every Event in a run directory's event files (TFRecord framing: length, crc, data, crc)."""
+    events = []
+    for path in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[pos + 12:pos + 12 + length])
+            events.append(event)
+            pos += 12 + length + 4
+    return events
+
+
+def summaries(run_dir):
+    """{tag: {step: Summary.Value}}."""
+    out = {}
+    for event in read_events(run_dir):
+        for value in event.summary.value:
+            out.setdefault(value.tag, {})[event.step] = value
+    return out
+
+
+def test_eight_epochs_on_digits_reach_90_percent_test_accuracy(full_run):
+    assert full_run.epochs_done == EPOCHS
+    assert full_run.final_test_acc >= 90.0
+    assert full_run.history.test_loss[-1] < full_run.history.test_loss[0]
+
+
+def test_event_files_hold_every_tag_at_the_tutorial_steps(full_run):
+    tags = summaries(full_run.run_dir)
+    history = full_run.history
+    # Every log_every-th batch of each epoch, at the tutorial's global_step = epoch * len + batch.
+    # Batch 44 is the final partial batch (29 images): logged too, as (44 + 1) % 5 == 0.
+    batch_steps = {e * DIGITS_BATCHES + b for e in range(EPOCHS) for b in range(4, 45, 5)}
+    for tag in ("Train/Batch_Loss", "Train/Batch_Accuracy", "Train/Learning_Rate"):
+        assert set(tags[tag]) == batch_steps, tag
+    for step in batch_steps:
+        assert tags["Train/Batch_Loss"][step].simple_value == np.float32(history.iter_loss[step])
+        epoch = step // DIGITS_BATCHES
+        assert tags["Train/Learning_Rate"][step].simple_value == np.float32(history.lr[epoch])
+    # Running accuracy of the epoch: after its first 5 batches it lies in [0, 100].
+    assert 0.0 <= tags["Train/Batch_Accuracy"][4].simple_value <= 100.0
+
+    state_names = named_leaves(full_run.state.params)
+    assert len(state_names) == 25
+    hist_steps = {e * DIGITS_BATCHES + b for e in range(EPOCHS) for b in (19, 39)}
+    for name in state_names:
+        assert set(tags[f"weights/{name}"]) == hist_steps, name
+        assert set(tags[f"grads/{name}"]) == hist_steps, name
+        assert tags[f"grads/{name}"][19].histo.num == state_names[name].size
+
+    epoch_tags = {"Train/Epoch_Loss": history.train_loss, "Train/Epoch_Accuracy": history.train_acc,
+                  "Test/Epoch_Loss": history.test_loss, "Test/Epoch_Accuracy": history.test_acc,
+                  "Train/Epoch_Time_s": history.epoch_time,
+                  "Train/Images_per_s": history.images_per_s}
+    for tag, values in epoch_tags.items():
+        assert {s: v.simple_value for s, v in tags[tag].items()} == {
+            e: np.float32(values[e]) for e in range(EPOCHS)}, tag
+    for tag in ("Attention/inputs", "Attention/cbam1", "Attention/cbam2", "Attention/cbam3"):
+        assert set(tags[tag]) == set(range(EPOCHS)), tag
+        assert tags[tag][0].image.encoded_image_string.startswith(b"\x89PNG")
+    image = tags["Attention/cbam1"][0].image  # 8 gates of 16 x 16 in one row
+    assert (image.height, image.width) == (16, 8 * 16)
+    assert "batch_size" in tags["Hyperparameters/text_summary"][0].tensor.string_val[0].decode()
+
+
+def test_plots_are_valid_png_images(full_run):
+    sizes = {"iteration_loss.png": (1000, 400), "epoch_metrics.png": (1200, 400),
+             "attention_maps.png": (800, 1600)}
+    for name, size in sizes.items():
+        with Image.open(full_run.run_dir / name) as image:
+            assert image.format == "PNG" and image.size == size, name
+            image.verify()
+
+
+def test_checkpoints_hold_latest_and_best_epoch(full_run):
+    history = full_run.history
+    checkpoints = Checkpoints(full_run.run_dir / "checkpoints")
+    model, tx = build("float32")
+    target = create_train_state(model, tx, jax.random.PRNGKey(1), 1e-3)
+    state, meta = checkpoints.restore_latest(target)
+    assert checkpoints.latest_epoch() == meta["epoch"] == EPOCHS
+    assert int(state.step) == EPOCHS * DIGITS_BATCHES
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(full_run.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, best = checkpoints.restore_best(target)
+    assert best["epoch"] == 1 + int(np.argmax(history.test_acc))
+    assert best["best_test_acc"] == max(history.test_acc)
+    checkpoints.close()
+
+
+SHORT = dataclasses.replace(CONFIG, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def short_runs(digits, tmp_path_factory):
+    """Two epochs uninterrupted, and two epochs killed after the first (its checkpoint written)
+    then resumed. Same data shapes as `full_run`, so the compiled steps are reused."""
+    devnull = open("/dev/null", "w")
+    root = tmp_path_factory.mktemp("short")
+    whole = fit(SHORT, digits, root / "whole", log=quiet, progress_stream=devnull)
+    first = fit(SHORT, digits, root / "killed", stop_after_epoch=1, log=quiet,
+                progress_stream=devnull)
+    resumed = fit(SHORT, digits, root / "killed", resume=True, log=quiet, progress_stream=devnull)
+    return whole, first, resumed
+
+
+def test_same_seed_gives_identical_metrics(full_run, short_runs):
+    whole, first, _ = short_runs
+    assert first.epochs_done == 1
+    n = 2 * DIGITS_BATCHES
+    assert whole.history.iter_loss == full_run.history.iter_loss[:n]
+    for field in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+        assert getattr(whole.history, field) == getattr(full_run.history, field)[:2], field
+
+
+def test_kill_and_resume_equals_uninterrupted_run_bitwise(short_runs):
+    whole, _, resumed = short_runs
+    assert resumed.epochs_done == whole.epochs_done == 2
+    assert int(resumed.state.step) == int(whole.state.step) == 2 * DIGITS_BATCHES
+    leaves, ref = jax.tree.leaves(resumed.state), jax.tree.leaves(whole.state)
+    assert len(leaves) == len(ref)
+    for a, b in zip(leaves, ref):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for field in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "iter_loss"):
+        assert getattr(resumed.history, field) == getattr(whole.history, field), field
+
+
+def test_resume_with_other_settings_is_refused(digits, short_runs):
+    with pytest.raises(ResumeMismatchError, match="seed: 0 != 7"):
+        fit(dataclasses.replace(SHORT, seed=7), digits, short_runs[2].run_dir, resume=True,
+            log=quiet)
+
+
+def test_resume_without_checkpoint_names_the_directory(digits, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from in"):
+        fit(CONFIG, digits, tmp_path / "empty", resume=True, log=quiet)
+
+
+class _ExplodingPlateau:
+    """A schedule that sets a learning rate of 1e30 after the first epoch: epoch 2 diverges."""
+
+    def init(self, lr):
+        return PlateauState(lr, float("inf"))
+
+    def step(self, state, metric):
+        return PlateauState(1e30, metric)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+        digits, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "tutorial_plateau", _ExplodingPlateau)
+    with pytest.raises(NonFiniteLossError) as error:
+        fit(CONFIG, digits, tmp_path / "run", log=quiet, progress_stream=open("/dev/null", "w"))
+    message = str(error.value)
+    found = re.search(r"training loss is (nan|inf|-inf) at step (\d+) \(epoch 2, batch (\d+) "
+                      r"of 45\)", message)
+    assert found, message
+    assert int(found.group(2)) == DIGITS_BATCHES + int(found.group(3)) - 1
+    assert "last good checkpoint (epoch 1)" in message
+    checkpoints = Checkpoints(tmp_path / "run" / "checkpoints")
+    assert checkpoints.latest_epoch() == 1
+    model, tx = build("float32")
+    state, meta = checkpoints.restore_latest(
+        create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3))
+    assert int(state.step) == DIGITS_BATCHES and meta["plateau"]["lr"] == 1e30
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    checkpoints.close()
+
+
+def test_rolled_loop_over_steps_matches_one_call_per_step(digits):
+    """steps_per_call > 1 (the GPU/TPU default) trains the same model: same batches, same keys.
+
+    Not bitwise: XLA fuses the step differently inside the loop, and the float32 rounding
+    differences grow with each update (measured in a full epoch: the first 3 losses equal,
+    1e-4 relative by step 7), so 8 steps agree to 1e-3 relative. Only 8 steps: on XLA:CPU the
+    rolled loop runs about 10x slower per step than one call per step.
+    """
+    model, tx = build("float32")
+    images, labels = jax.device_put(digits.train_images), jax.device_put(digits.train_labels)
+
+    def first_losses(looped):
+        state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
+        perm = train.epoch_permutation(state.rng, np.int32(0), len(labels))
+        accum = train._new_accumulator(DIGITS_BATCHES)
+        kwargs = dict(model=model, tx=tx, batch_size=32, size=32, looped=looped)
+        for first, count in ([(0, 8)] if looped else [(b, 1) for b in range(8)]):
+            state, accum, _ = train.train_batches(state, accum, images, labels, perm,
+                                                  np.int32(first), np.int32(count), **kwargs)
+        return np.asarray(accum["loss"][:8]), int(state.step)
+
+    (looped, steps), (per_call, _) = first_losses(True), first_losses(False)
+    assert steps == 8
+    np.testing.assert_allclose(looped, per_call, rtol=1e-3)
+    assert np.all(per_call > 0)
+
+
+def test_evaluation_covers_every_test_image_exactly_once(digits, full_run):
+    """360 test images = 11 batches of 32 + one of 8 padded to 32: the padding is masked out."""
+    model, _ = build("float32")
+    state = full_run.state
+    images, labels = digits.test_images, digits.test_labels
+    padded = train._pad_test_set(images, labels, 32)
+    assert len(padded[2]) == 384 and int(padded[2].sum()) == 360
+    loss, acc = evaluate(model, state, *padded, batch_size=32, looped=False)
+
+    from cbam_jax.augment import normalize
+    logits = jax.jit(model.apply)({"params": state.params, "batch_stats": state.batch_stats},
+                                  normalize(jnp.asarray(images)))
+    per_image = np.asarray(train.optax.softmax_cross_entropy_with_integer_labels(
+        logits, jnp.asarray(labels)), np.float64)
+    # The tutorial's test loss: the mean of per-batch means (11 batches of 32, then one of 8).
+    expected_loss = np.mean([per_image[i:i + 32].mean() for i in range(0, 360, 32)])
+    expected_acc = 100.0 * np.mean(np.asarray(logits).argmax(-1) == labels)
+    # float32 sums in another order: 1e-5 relative.
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert acc == pytest.approx(expected_acc, abs=1e-9)
+
+
+def test_tutorial_epoch_plan_keeps_the_final_batch_of_16():
+    plan = epoch_plan(50_000, 64, steps_per_call=1, hist_every=500)
+    assert len(plan) == 782  # 781 full batches + the DataLoader's final batch of 16
+    assert sum(count * size for _, count, size, _ in plan) == 50_000
+    assert plan[-1] == (781, 1, 16, False)
+    assert [first for first, _, _, grads in plan if grads] == [499]
+
+
+def test_epoch_plan_with_steps_per_call_runs_histogram_batches_alone():
+    plan = epoch_plan(50_000, 64, steps_per_call=50, hist_every=500)
+    batches = [b for first, count, _, _ in plan for b in range(first, first + count)]
+    assert batches == list(range(782))
+    assert (499, 1, 64, True) in plan
+    assert max(count for _, count, _, _ in plan) == 50
+    assert len(plan) == 10 + 1 + 6 + 1  # 0-498 (9x50 + 49), 499 alone, 500-780, then the 16
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_statistics(digits):
+    model, tx = build("bfloat16")
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
+    step = jax.jit(lambda s, x, y: train.train_step(model, tx, s, x, y))
+    state, metrics = step(state, jnp.asarray(digits.train_images[:16]),
+                          jnp.asarray(digits.train_labels[:16]))
+    assert np.isfinite(float(metrics["loss"]))
+    dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.batch_stats["bn1"]["mean"],
+                                                state.opt_state.inner_state))
+              if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"),
+    (dict(learning_rate=float("nan")), "learning_rate"), (dict(dtype="float16"), "dtype"),
+    (dict(steps_per_call=0), "steps_per_call")])
+def test_invalid_config_is_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)

@@ -1,0 +1,93 @@
+"""`python scripts/train.py`: flags, messages, and an offline run on digits.
+
+Runtime: about 30 s on 2 cores (one epoch on digits in-process, reusing the compiled steps of
+tests/test_train.py when both run in one session; --help in a subprocess).
+"""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_explains_every_flag():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for flag in ("--epochs", "--batch-size", "--lr", "--dataset", "--data-dir", "--run-dir",
+                 "--seed", "--resume", "--checkpoint-dir", "--dtype", "--steps-per-call",
+                 "--log-every", "--hist-every", "--no-download"):
+        assert flag in out, flag
+    assert "(default: 50)" in out and "(default: 64)" in out and "(default: 0.001)" in out
+    assert "ReduceLROnPlateau" in out
+
+
+def test_defaults_are_the_tutorial_recipe(script):
+    args = script.parse_args([])
+    assert (args.epochs, args.batch_size, args.lr, args.dataset, args.data_dir, args.dtype,
+            args.log_every, args.hist_every) == (50, 64, 1e-3, "auto", "./data", "float32", 100,
+                                                 500)
+    assert args.resume is None and args.run_dir is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
+    (["--batch-size", "abc"], "--batch-size: expected a positive integer, got 'abc'"),
+    (["--lr", "-1"], "--lr: expected a positive finite number, got '-1'"),
+    (["--lr", "nan"], "--lr: expected a positive finite number, got 'nan'"),
+    (["--seed", "-3"], "--seed: expected an integer >= 0, got '-3'"),
+    (["--dataset", "mnist"], "--dataset: invalid choice: 'mnist'"),
+    (["--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
+    (["--steps-per-call", "0"], "--steps-per-call: expected a positive integer, got '0'"),
+    (["--resume", "runs/a", "--run-dir", "runs/b"], "do not also pass --run-dir"),
+])
+def test_bad_flags_are_rejected_with_a_clear_message(script, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_digits_run_prints_device_parameters_epochs_and_final_accuracy(script, capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    # Batch 32 and these cadences: the compiled steps of tests/test_train.py serve again.
+    flags = ["--dataset", "digits", "--batch-size", "32", "--log-every", "5", "--hist-every", "20"]
+    code = script.main(flags + ["--epochs", "1", "--run-dir", str(run_dir)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"Device: {jax.devices()[0]} (cpu)" in out
+    assert "Total trainable parameters: 1,150,896" in out
+    assert "cbam3.spatial_attn.conv.weight: 98" in out
+    assert "Epoch 1/1 [####################] 45/45" in out  # the progress bar
+    assert "Epoch 1/1 done | train loss" in out and "| lr 0.001 |" in out
+    assert "Training finished! Final test accuracy:" in out
+    for name in ("iteration_loss.png", "epoch_metrics.png", "attention_maps.png",
+                 "checkpoints/latest/1", "digits_cbam_cnn_model.pth"):
+        assert (run_dir / name).exists(), name
+    state_dict = torch.load(run_dir / "digits_cbam_cnn_model.pth", weights_only=True)
+    assert state_dict["fc1.weight"].shape == (512, 2048)
+    assert int(state_dict["bn1.num_batches_tracked"]) == 45
+
+    # Resuming the finished run with a larger --epochs trains only the new epoch.
+    code = script.main(flags + ["--epochs", "2", "--resume", str(run_dir)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Resuming from" in out and "after epoch 1" in out
+    assert "Epoch 1/2 done" not in out and "Epoch 2/2 done" in out
+
+
+def test_resume_of_a_missing_run_is_an_error(script, capsys, tmp_path):
+    assert script.main(["--dataset", "digits", "--resume", str(tmp_path / "nope")]) == 2
+    assert "no run directory" in capsys.readouterr().err
