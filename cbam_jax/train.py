@@ -241,7 +241,7 @@ def epoch_plan(num_train: int, batch_size: int, steps_per_call: int, hist_every:
                    static_argnames=("model", "batch_size", "looped"))
 def eval_batches(state, accum, images, labels, mask, first_batch, num_batches, *, model,
                  batch_size: int, looped: bool):
-    """Evaluate batches of the padded test set (images: uint8 [M, 32, 32, 3], M % batch_size == 0)."""
+    """Evaluate batches of the padded test set: images uint8 [M, 32, 32, 3], M % batch_size == 0."""
 
     def one(batch, accum):
         sl = lambda a: jax.lax.dynamic_slice_in_dim(a, batch * batch_size, batch_size)
@@ -256,7 +256,7 @@ def eval_batches(state, accum, images, labels, mask, first_batch, num_batches, *
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def attention_maps(model, state: TrainState, images):
-    """The spatial attention gate of each CBAM block, eval mode: [[n, 16, 16], [n, 8, 8], [n, 4, 4]]."""
+    """Each CBAM block's spatial gate, eval mode: [n, 16, 16], [n, 8, 8], [n, 4, 4]."""
     _, inter = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                            normalize(images), train=False, mutable=["intermediates"])
     blocks = sorted(k for k in inter["intermediates"] if k.startswith("cbam"))
@@ -444,7 +444,8 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
     if report_params:
         from cbam_jax.models import parameter_report
         parameter_report(state.params, log)
-    plateau, history, start_epoch, best_test_acc = schedule.init(config.learning_rate), History(), 0, -1.0
+    plateau, history = schedule.init(config.learning_rate), History()
+    start_epoch, best_test_acc = 0, -1.0
     checkpoints = Checkpoints(checkpoint_dir)
     if resume:
         state, meta = checkpoints.restore_latest(state)
@@ -454,8 +455,9 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
         if meta["dataset"] != dataset.name:
             changed["dataset"] = (meta["dataset"], dataset.name)
         if changed:
-            raise ResumeMismatchError("cannot resume with different settings (saved, given): " + ", ".join(
-                f"{k}: {v[0]!r} != {v[1]!r}" for k, v in changed.items()))
+            raise ResumeMismatchError(
+                "cannot resume with different settings (saved, given): "
+                + ", ".join(f"{k}: {v[0]!r} != {v[1]!r}" for k, v in changed.items()))
         start_epoch, best_test_acc = meta["epoch"], meta["best_test_acc"]
         plateau = PlateauState(**meta["plateau"])
         history = History(**meta["history"])

@@ -1,4 +1,4 @@
-"""Train the tutorial's CBAM CNN: `python scripts/train.py` (CIFAR-10, 50 epochs, batch 64, Adam 1e-3).
+"""Train the tutorial's CBAM CNN: `python scripts/train.py` (CIFAR-10, 50 epochs, batch 64).
 
 Offline demo: `python scripts/train.py --dataset digits --epochs 3`.
 """

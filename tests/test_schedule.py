@@ -1,4 +1,4 @@
-"""ReduceLROnPlateau: the learning-rate sequence equals PyTorch's, exactly, on many metric sequences.
+"""ReduceLROnPlateau: the lr sequence equals PyTorch's, exactly, on many metric sequences.
 
 Both sides compute in Python floats (float64), so the comparison is exact equality, not a
 tolerance. Runtime: about 5 s (hypothesis: 200 examples of at most 40 epochs).
