@@ -1,0 +1,543 @@
+"""Speed of the JAX engine against the tutorial's PyTorch pipeline, side by side in one process.
+
+Each section runs its contenders in interleaved repetitions (A B A B ...) and reports the median
+throughput of each and the median of the per-pair ratios, so that load on the machine moves
+both sides of a ratio alike. Synthetic uint8 CIFAR-shaped data: content does not change speed.
+
+    python scripts/benchmark.py                      # all sections, CPU-sized (a few minutes)
+    python scripts/benchmark.py --quick              # smaller, for a smoke run
+    python scripts/benchmark.py --sections step,eval --reps 9
+    python scripts/benchmark.py --sections epoch --full-epoch   # 50,000 + 10,000 images
+    python scripts/benchmark.py --full-recipe        # the 50-epoch JAX recipe (a GPU job)
+
+Writes a markdown table to stdout and `<out>/benchmark.md` and `<out>/benchmark.json`.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cbam_jax import train  # noqa: E402
+from cbam_jax.augment import augment, normalize  # noqa: E402
+from cbam_jax.data import Dataset  # noqa: E402
+
+SECTIONS = ("step", "eval", "augment", "epoch")
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+# CPU default for the epoch section: a slice of the epoch, scaled to images/s (see --full-epoch).
+CPU_EPOCH_TRAIN, CPU_EPOCH_TEST = 2_048, 512
+
+
+# --- data and environment --------------------------------------------------------------------
+
+def synthetic_images(n: int, seed: int = 0):
+    """uint8 [n, 32, 32, 3] images and int32 [n] labels."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+            rng.integers(0, 10, n).astype(np.int32))
+
+
+def synthetic_dataset(n_train: int, n_test: int, seed: int = 0) -> Dataset:
+    train_images, train_labels = synthetic_images(n_train, seed)
+    test_images, test_labels = synthetic_images(n_test, seed + 1)
+    return Dataset("synthetic", "scripts/benchmark.py", train_images, train_labels, test_images,
+                   test_labels, tuple(str(i) for i in range(10)))
+
+
+def torch_device():
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def environment() -> dict:
+    """Device, versions and thread settings that the figures depend on."""
+    import flax
+    import jaxlib
+    import PIL
+    import torch
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    tdev = torch_device()
+    return {
+        "jax_backend": jax.default_backend(), "jax_device": dev.device_kind,
+        "jax_device_count": jax.device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "torch_device": str(tdev) if tdev.type == "cpu" else torch.cuda.get_device_name(tdev),
+        "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                     "jaxlib": jaxlib.__version__,
+                     "flax": flax.__version__, "optax": optax.__version__,
+                     "torch": torch.__version__, "numpy": np.__version__,
+                     "pillow": PIL.__version__},
+        "threads": {"torch_intra_op": torch.get_num_threads(),
+                    "torch_inter_op": torch.get_num_interop_threads(),
+                    "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
+                    "load_average_at_start": os.getloadavg()},
+    }
+
+
+# --- interleaved timing ----------------------------------------------------------------------
+
+def interleave(contenders: dict, reps: int, warmup: int = 1) -> dict:
+    """Run `{name: fn}` in the order A B C A B C ... `reps` times; fn() -> images/s.
+
+    Each contender runs `warmup` untimed rounds first (compilation, caches, worker start-up).
+    """
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            samples[name].append(float(fn()))
+    return samples
+
+
+def summarize(samples: dict, baseline: str, unit: str = "img/s") -> dict:
+    """Medians and per-pair ratios (contender / baseline, repetition by repetition)."""
+    rows = []
+    for name, values in samples.items():
+        ratios = [v / b for v, b in zip(values, samples[baseline])]
+        rows.append({"name": name, "unit": unit, "median": statistics.median(values),
+                     "samples": values, "ratio_vs": baseline,
+                     "ratio_median": statistics.median(ratios),
+                     "ratio_min": min(ratios), "ratio_max": max(ratios)})
+    return {"baseline": baseline, "reps": len(samples[baseline]), "rows": rows}
+
+
+def _throughput(step, images_per_call: int, calls: int, sync):
+    def run():
+        start = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = step()
+        sync(out)
+        return images_per_call * calls / (time.perf_counter() - start)
+    return run
+
+
+# --- contenders ------------------------------------------------------------------------------
+
+def _jax_state(seed: int = 0):
+    model, tx = train.build("float32")
+    return model, tx, train.create_train_state(model, tx, jax.random.PRNGKey(seed), 1e-3)
+
+
+def jax_train_step(batch: int, calls: int):
+    """The engine's model step (forward, backward, Adam) on a normalised float batch."""
+    model, tx, state = _jax_state()
+    images, labels = synthetic_images(batch)
+    x, y = normalize(jnp.asarray(images)), jnp.asarray(labels)
+
+    def step(state, x, y):
+        dropout_key = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                          x, train=True, rngs={"dropout": dropout_key},
+                                          mutable=["batch_stats"])
+            return train.cross_entropy(logits, y), updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             batch_stats=batch_stats, opt_state=opt_state), loss
+
+    step = jax.jit(step, donate_argnums=0)
+    holder = [state]
+
+    def call():
+        holder[0], loss = step(holder[0], x, y)
+        return loss
+    return _throughput(call, batch, calls, jax.block_until_ready)
+
+
+def jax_engine_step(batch: int, calls: int):
+    """`train.train_step` as the engine runs it: on-device augmentation of uint8 + the step."""
+    model, tx, state = _jax_state()
+    images, labels = synthetic_images(batch)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    step = jax.jit(lambda s, i, l: train.train_step(model, tx, s, i, l), donate_argnums=0)
+    holder = [state]
+
+    def call():
+        holder[0], metrics = step(holder[0], images, labels)
+        return metrics["loss"]
+    return _throughput(call, batch, calls, jax.block_until_ready)
+
+
+def jax_eval(batch: int, calls: int):
+    model, _, state = _jax_state()
+    images, _ = synthetic_images(batch)
+    x = normalize(jnp.asarray(images))
+    fwd = jax.jit(lambda s, x: model.apply({"params": s.params, "batch_stats": s.batch_stats}, x,
+                                           train=False))
+    return _throughput(lambda: fwd(state, x), batch, calls, jax.block_until_ready)
+
+
+def _torch_model_and_batch(batch: int, compiled: bool):
+    import torch
+    from parity.reference import CBAM_CNN
+    from parity.pillow_transforms import to_tensor_normalize
+    dev = torch_device()
+    torch.manual_seed(0)
+    model = CBAM_CNN().to(dev)
+    images, labels = synthetic_images(batch)
+    # ToTensor's tensors are contiguous; to_tensor_normalize keeps numpy's HWC strides.
+    x = torch.from_numpy(np.ascontiguousarray(np.stack([to_tensor_normalize(im) for im in images])))
+    x = x.to(dev)
+    y = torch.from_numpy(labels.astype(np.int64)).to(dev)
+    forward = torch.compile(model) if compiled else model
+    return model, forward, x, y
+
+
+def _torch_sync(_):
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def torch_train_step(batch: int, calls: int, compiled: bool = False):
+    """The tutorial's step: zero_grad, forward, CrossEntropyLoss, backward, Adam."""
+    import torch
+    model, forward, x, y = _torch_model_and_batch(batch, compiled)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def call():
+        opt.zero_grad()
+        loss = loss_fn(forward(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+    return _throughput(call, batch, calls, _torch_sync)
+
+
+def torch_eval(batch: int, calls: int, compiled: bool = False):
+    import torch
+    model, forward, x, _ = _torch_model_and_batch(batch, compiled)
+    model.eval()
+
+    def call():
+        with torch.no_grad():
+            return forward(x)
+    return _throughput(call, batch, calls, _torch_sync)
+
+
+class PillowTrainSet:
+    """A map-style dataset running the tutorial's per-image Pillow train transform."""
+
+    def __init__(self, images, labels, seed: int = 0):
+        self.images, self.labels, self.seed = images, labels, seed
+        self._rng, self._pid = None, None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        import torch
+        from parity.pillow_transforms import train_transform
+        if self._pid != os.getpid():  # one generator per DataLoader worker process
+            self._rng, self._pid = np.random.default_rng((self.seed, os.getpid())), os.getpid()
+        image = np.ascontiguousarray(train_transform(self.images[i], self._rng))  # as ToTensor's
+        return torch.from_numpy(image), int(self.labels[i])
+
+
+class PillowTestSet(PillowTrainSet):
+    def __getitem__(self, i):
+        import torch
+        from parity.pillow_transforms import test_transform
+        return torch.from_numpy(np.ascontiguousarray(test_transform(self.images[i]))), int(self.labels[i])
+
+
+def _loader(dataset, batch: int, workers: int, shuffle: bool, persistent: bool = False):
+    import torch
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=shuffle,
+                                       num_workers=workers,
+                                       persistent_workers=persistent and workers > 0)
+
+
+def pillow_pipeline(n_images: int, batch: int, workers: int):
+    """Images/s of one pass of a DataLoader over the Pillow chain (workers stay up between passes)."""
+    images, labels = synthetic_images(n_images)
+    loader = _loader(PillowTrainSet(images, labels), batch, workers, shuffle=True,
+                     persistent=True)
+
+    def run():
+        start = time.perf_counter()
+        seen = sum(len(y) for _, y in loader)
+        return seen / (time.perf_counter() - start)
+    return run
+
+
+def jax_augment(n_images: int, batch: int):
+    """Images/s of `augment` (uint8 batch on the device -> normalised floats), one call per batch."""
+    images, _ = synthetic_images(batch)
+    images = jnp.asarray(images)
+    base = jax.random.PRNGKey(0)
+    fn = jax.jit(lambda i, images: augment(jax.random.fold_in(base, i), images))
+    calls = max(1, n_images // batch)
+    counter = [0]  # a fresh key for every call, as the engine folds in the step
+
+    def run():
+        start = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            counter[0] += 1
+            out = fn(np.int32(counter[0]), images)
+        jax.block_until_ready(out)
+        return batch * calls / (time.perf_counter() - start)
+    return run
+
+
+def jax_epoch(n_train: int, n_test: int, batch: int = 64):
+    """One epoch of the engine (train_epoch, then evaluate), images/s over train + test images."""
+    data = synthetic_dataset(n_train, n_test)
+    model, tx, state = _jax_state()
+    config = train.TrainConfig(epochs=1, batch_size=batch)
+    steps_per_call = train.default_steps_per_call()
+    train_images = jax.device_put(data.train_images)
+    train_labels = jax.device_put(data.train_labels)
+    test = train._pad_test_set(data.test_images, data.test_labels, batch)
+    holder, epoch = [state], iter(range(1 << 30))
+
+    def run():
+        start = time.perf_counter()
+        holder[0], _, _ = train.train_epoch(model, tx, holder[0], train_images, train_labels,
+                                            next(epoch), config, steps_per_call)
+        train.evaluate(model, holder[0], *test, batch, steps_per_call > 1)
+        return (n_train + n_test) / (time.perf_counter() - start)
+    return run
+
+
+def torch_epoch(n_train: int, n_test: int, batch: int = 64, workers: int = 0):
+    """The tutorial's epoch: Pillow DataLoader + eager train loop, then the test loop."""
+    import torch
+    from parity.reference import CBAM_CNN
+    data = synthetic_dataset(n_train, n_test)
+    dev = torch_device()
+    torch.manual_seed(0)
+    model = CBAM_CNN().to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    train_loader = _loader(PillowTrainSet(data.train_images, data.train_labels), batch, workers,
+                           shuffle=True)
+    test_loader = _loader(PillowTestSet(data.test_images, data.test_labels), batch, workers,
+                          shuffle=False)
+
+    def run():
+        start = time.perf_counter()
+        model.train()
+        correct = 0
+        for x, y in train_loader:
+            x, y = x.to(dev), y.to(dev)
+            opt.zero_grad()
+            out = model(x)
+            loss = loss_fn(out, y)
+            loss.backward()
+            opt.step()
+            correct += (out.argmax(1) == y).sum().item()  # the tutorial's running accuracy
+        model.eval()
+        with torch.no_grad():
+            for x, y in test_loader:
+                x, y = x.to(dev), y.to(dev)
+                out = model(x)
+                loss_fn(out, y).item()
+                correct += (out.argmax(1) == y).sum().item()
+        return (n_train + n_test) / (time.perf_counter() - start)
+    return run
+
+
+# --- sections --------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    """Sizes of one benchmark run (see `make_plan`)."""
+    reps: int = 5
+    step_batches: tuple = (64, 256)
+    step_calls: int = 10
+    eval_batch: int = 256
+    eval_calls: int = 10
+    torch_compile: bool = True
+    augment_images: int = 1024
+    augment_workers: tuple = (0, 2)
+    epoch_train: int = CPU_EPOCH_TRAIN
+    epoch_test: int = CPU_EPOCH_TEST
+    epoch_reps: int = 1
+
+
+def make_plan(quick: bool = False, reps: int | None = None, full_epoch: bool = False,
+              epoch_images: int | None = None, torch_compile: bool = True) -> Plan:
+    on_cpu = jax.default_backend() == "cpu"
+    plan = Plan(torch_compile=torch_compile)
+    if quick:
+        plan = dataclasses.replace(plan, reps=3, step_calls=4, eval_calls=4, augment_images=256,
+                                   epoch_train=512, epoch_test=256, torch_compile=False)
+    if not on_cpu or full_epoch:
+        plan = dataclasses.replace(plan, epoch_train=CIFAR_TRAIN, epoch_test=CIFAR_TEST)
+    if epoch_images is not None:
+        plan = dataclasses.replace(plan, epoch_train=epoch_images,
+                                   epoch_test=max(1, epoch_images // 5))
+    if reps is not None:
+        plan = dataclasses.replace(plan, reps=reps)
+    return plan
+
+
+def section_step(plan: Plan) -> dict:
+    out = {}
+    for batch in plan.step_batches:
+        contenders = {"torch eager": torch_train_step(batch, plan.step_calls),
+                      "jax step": jax_train_step(batch, plan.step_calls),
+                      "jax engine step (+ augment)": jax_engine_step(batch, plan.step_calls)}
+        if plan.torch_compile:
+            contenders["torch.compile"] = torch_train_step(batch, plan.step_calls, compiled=True)
+        out[f"batch {batch}"] = summarize(interleave(contenders, plan.reps), "torch eager")
+    return out
+
+
+def section_eval(plan: Plan) -> dict:
+    contenders = {"torch eager": torch_eval(plan.eval_batch, plan.eval_calls),
+                  "jax": jax_eval(plan.eval_batch, plan.eval_calls)}
+    if plan.torch_compile:
+        contenders["torch.compile"] = torch_eval(plan.eval_batch, plan.eval_calls, compiled=True)
+    return {f"batch {plan.eval_batch}": summarize(interleave(contenders, plan.reps),
+                                                  "torch eager")}
+
+
+def section_augment(plan: Plan) -> dict:
+    contenders = {f"pillow DataLoader workers={w}": pillow_pipeline(plan.augment_images, 64, w)
+                  for w in plan.augment_workers}
+    contenders["jax augment (batch 64)"] = jax_augment(plan.augment_images, 64)
+    baseline = f"pillow DataLoader workers={plan.augment_workers[0]}"
+    return {f"{plan.augment_images} images": summarize(interleave(contenders, plan.reps),
+                                                       baseline)}
+
+
+def section_epoch(plan: Plan) -> dict:
+    contenders = {"torch tutorial loop (workers=0)": torch_epoch(plan.epoch_train,
+                                                                 plan.epoch_test),
+                  "jax engine": jax_epoch(plan.epoch_train, plan.epoch_test)}
+    result = summarize(interleave(contenders, plan.epoch_reps), "torch tutorial loop (workers=0)")
+    scale = (CIFAR_TRAIN + CIFAR_TEST) / (plan.epoch_train + plan.epoch_test)
+    for row in result["rows"]:
+        row["epoch_seconds_50k"] = (CIFAR_TRAIN + CIFAR_TEST) / row["median"]
+    result["extrapolated"] = scale != 1
+    return {f"{plan.epoch_train} train + {plan.epoch_test} test images": result}
+
+
+def full_recipe(epochs: int = 50, n_train: int = CIFAR_TRAIN, n_test: int = CIFAR_TEST) -> dict:
+    """The whole recipe via `train.fit` (eval every epoch); compile time from JAX's own events."""
+    compile_seconds = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compile_seconds.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    data = synthetic_dataset(n_train, n_test)
+    with tempfile.TemporaryDirectory() as run_dir, open(os.devnull, "w") as quiet:
+        start = time.perf_counter()
+        result = train.fit(train.TrainConfig(epochs=epochs), data, run_dir, log=lambda _: None,
+                           progress_stream=quiet)
+        wall = time.perf_counter() - start
+    compile_total = float(sum(compile_seconds))
+    return {"epochs": epochs, "train_images": n_train, "test_images": n_test,
+            "wall_seconds": wall, "compile_seconds": compile_total,
+            "wall_minus_compile_seconds": wall - compile_total,
+            "epochs_completed": result.epochs_done}
+
+
+RUNNERS = {"step": section_step, "eval": section_eval, "augment": section_augment,
+           "epoch": section_epoch}
+
+
+# --- output ----------------------------------------------------------------------------------
+
+def to_markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"JAX {env['versions']['jax']} on {env['jax_device']} ({env['jax_backend']}), "
+             f"PyTorch {env['versions']['torch']} on {env['torch_device']}; CPU {env['cpu']}, "
+             f"{env['cpu_count']} cores, torch threads {env['threads']['torch_intra_op']}, "
+             f"load average at start {env['threads']['load_average_at_start'][0]:.2f}.", ""]
+    for section, parts in report["sections"].items():
+        for label, result in parts.items():
+            lines += [f"### {section}: {label} ({result['reps']} interleaved repetitions)", "",
+                      f"| contender | median | ratio vs {result['baseline']} (median, min-max) |",
+                      "|---|---:|---:|"]
+            for row in result["rows"]:
+                lines.append(f"| {row['name']} | {row['median']:,.0f} {row['unit']} | "
+                             f"{row['ratio_median']:.2f}x ({row['ratio_min']:.2f}-"
+                             f"{row['ratio_max']:.2f}) |")
+            if result.get("extrapolated"):
+                lines.append("")
+                lines.append("Epoch seconds extrapolated to 50,000 + 10,000 images: " + ", ".join(
+                    f"{row['name']} {row['epoch_seconds_50k']:,.0f} s" for row in result["rows"]))
+            lines.append("")
+    if "full_recipe" in report:
+        r = report["full_recipe"]
+        lines += ["### full recipe", "",
+                  f"{r['epochs']} epochs of {r['train_images']:,} + {r['test_images']:,} images: "
+                  f"{r['wall_seconds']:,.1f} s wall, of which {r['compile_seconds']:,.1f} s "
+                  f"compiling ({r['wall_minus_compile_seconds']:,.1f} s without).", ""]
+    return "\n".join(lines)
+
+
+def run(sections, plan: Plan, full: bool = False, recipe_epochs: int = 50) -> dict:
+    report = {"environment": environment(), "plan": dataclasses.asdict(plan), "sections": {}}
+    for name in sections:
+        report["sections"][name] = RUNNERS[name](plan)
+    if full:
+        report["full_recipe"] = full_recipe(recipe_epochs)
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (or 'none')")
+    parser.add_argument("--quick", action="store_true", help="small sizes, no torch.compile")
+    parser.add_argument("--reps", type=int, help="interleaved repetitions per section")
+    parser.add_argument("--full-epoch", action="store_true",
+                        help="epoch section on 50,000 + 10,000 images (default on GPU)")
+    parser.add_argument("--epoch-images", type=int, help="train images in the epoch section")
+    parser.add_argument("--no-torch-compile", action="store_true")
+    parser.add_argument("--full-recipe", action="store_true",
+                        help="also run the 50-epoch JAX recipe (compile time reported apart)")
+    parser.add_argument("--recipe-epochs", type=int, default=50)
+    parser.add_argument("--out", default="benchmark_results", help="directory for .md and .json")
+    args = parser.parse_args(argv)
+    sections = [] if args.sections == "none" else args.sections.split(",")
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown sections {unknown}: expected a subset of {list(SECTIONS)}")
+    plan = make_plan(args.quick, args.reps, args.full_epoch, args.epoch_images,
+                     not args.no_torch_compile)
+    report = run(sections, plan, args.full_recipe, args.recipe_epochs)
+    markdown = to_markdown(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.md").write_text(markdown + "\n")
+    (out / "benchmark.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(markdown)
+    return report
+
+
+if __name__ == "__main__":
+    main()
