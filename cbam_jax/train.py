@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,8 @@ import numpy as np
 import optax
 
 from cbam_jax.augment import augment, normalize
-from cbam_jax.models import INPUT_SHAPE, CBAMCNN
+from cbam_jax.models import INPUT_SHAPE
+from cbam_jax.resnet import MODEL_NAMES, create_model
 from cbam_jax.schedule import PlateauState, tutorial_plateau
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -53,6 +55,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     seed: int = 0
     dtype: str = "float32"  # compute dtype; params, optimizer, loss and BN stats stay float32
+    model: str = "cbam_cnn"  # one of cbam_jax.resnet.MODEL_NAMES
     steps_per_call: int | None = None  # None: 1 on CPU, DEVICE_STEPS_PER_CALL on GPU/TPU
     log_every: int = 100  # batches between Train/Batch_* scalars (and host reads)
     hist_every: int = 500  # batches between weights/ and grads/ histograms
@@ -67,6 +70,8 @@ class TrainConfig:
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a positive finite number, got "
                              f"{self.learning_rate}")
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"model must be one of {MODEL_NAMES}, got {self.model!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
@@ -79,14 +84,15 @@ def default_steps_per_call() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def build(dtype: str = "float32") -> tuple[CBAMCNN, optax.GradientTransformation]:
+def build(dtype: str = "float32", model: str = "cbam_cnn",
+          num_classes: int = 10) -> tuple[nn.Module, optax.GradientTransformation]:
     """The model and optimizer for a compute dtype, built once per process.
 
     The compiled steps are cached per (model, optimizer) object; building them once lets
     repeated runs in one process (tests, notebooks) reuse the compiled code. The optimizer's
     initial learning rate is irrelevant: the state carries the one in use.
     """
-    return CBAMCNN(dtype=DTYPES[dtype]), make_optimizer(1e-3)
+    return create_model(model, num_classes, DTYPES[dtype]), make_optimizer(1e-3)
 
 
 @flax.struct.dataclass
@@ -256,12 +262,11 @@ def eval_batches(state, accum, images, labels, mask, first_batch, num_batches, *
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def attention_maps(model, state: TrainState, images):
-    """Each CBAM block's spatial gate, eval mode: [n, 16, 16], [n, 8, 8], [n, 4, 4]."""
+    """Each CBAM block's spatial gate, eval mode: CBAMCNN's [n, 16, 16], [n, 8, 8], [n, 4, 4]."""
     _, inter = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                            normalize(images), train=False, mutable=["intermediates"])
-    blocks = sorted(k for k in inter["intermediates"] if k.startswith("cbam"))
-    return [inter["intermediates"][b]["spatial_attn"]["spatial_attention"][0][..., 0]
-            for b in blocks]
+    return [gate[..., 0] for path, gate in jax.tree_util.tree_leaves_with_path(inter)
+            if any(getattr(k, "key", None) == "spatial_attention" for k in path)]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -416,7 +421,7 @@ def _meta(config, dataset_name, epoch, plateau, history, best_test_acc):
 
 
 # Settings whose change would make a resumed run differ from an uninterrupted one.
-_RESUME_KEYS = ("batch_size", "learning_rate", "seed", "dtype")
+_RESUME_KEYS = ("batch_size", "learning_rate", "seed", "dtype", "model")
 
 
 def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: bool = False,
@@ -433,7 +438,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
 
     run_dir = Path(run_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoints"
-    model, tx = build(config.dtype)
+    model, tx = build(config.dtype, config.model, len(dataset.class_names))
     steps_per_call = config.steps_per_call or default_steps_per_call()
     looped_eval = steps_per_call > 1
     n_train = len(dataset.train_labels)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_RUN_DIR = "runs/CBAM_CNN_experiment"  # = cbam_jax.logbook.DEFAULT_RUN_DIR
+MODELS = ("cbam_cnn", "cbam_resnet18", "cbam_resnet34", "cbam_resnet50")  # = resnet.MODEL_NAMES
 
 
 def _checked(convert, ok, expected: str):
@@ -58,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--epochs")
     p.add_argument("--checkpoint-dir", default=None,
                    help="where checkpoints (latest/ and best/) go (default: RUN_DIR/checkpoints)")
+    p.add_argument("--model", choices=MODELS, default="cbam_cnn",
+                   help="the tutorial's CBAM CNN, or a CBAM-ResNet (CIFAR stem, official CBAM)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of the model; parameters, optimizer, loss and BatchNorm "
                         "statistics stay float32")
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                          learning_rate=args.lr, seed=args.seed, dtype=args.dtype,
                          steps_per_call=args.steps_per_call, log_every=args.log_every,
-                         hist_every=args.hist_every)
+                         hist_every=args.hist_every, model=args.model)
     print(f"Run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
     try:
         result = fit(config, dataset, run_dir, checkpoint_dir=args.checkpoint_dir,
@@ -109,7 +112,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"Training finished! Final test accuracy: {result.final_test_acc:.2f}%")
-    export_pth(result, run_dir / f"{dataset.name}_cbam_cnn_model.pth")
+    if args.model == "cbam_cnn":  # the tutorial's CBAM_CNN is the one PyTorch model we mirror
+        export_pth(result, run_dir / f"{dataset.name}_cbam_cnn_model.pth")
     return 0
 
 

@@ -302,7 +302,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_statistics(digits):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"),
     (dict(learning_rate=float("nan")), "learning_rate"), (dict(dtype="float16"), "dtype"),
-    (dict(steps_per_call=0), "steps_per_call")])
+    (dict(steps_per_call=0), "steps_per_call"), (dict(model="vgg16"), "model")])
 def test_invalid_config_is_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)

@@ -34,6 +34,14 @@ def test_help_explains_every_flag():
     assert "ReduceLROnPlateau" in out
 
 
+def test_model_choices_are_the_library_models(script):
+    from cbam_jax.resnet import MODEL_NAMES
+
+    assert script.MODELS == tuple(MODEL_NAMES)
+    assert script.parse_args([]).model == "cbam_cnn"
+    assert script.parse_args(["--model", "cbam_resnet18"]).model == "cbam_resnet18"
+
+
 def test_defaults_are_the_tutorial_recipe(script):
     args = script.parse_args([])
     assert (args.epochs, args.batch_size, args.lr, args.dataset, args.data_dir, args.dtype,
@@ -50,6 +58,7 @@ def test_defaults_are_the_tutorial_recipe(script):
     (["--seed", "-3"], "--seed: expected an integer >= 0, got '-3'"),
     (["--dataset", "mnist"], "--dataset: invalid choice: 'mnist'"),
     (["--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
+    (["--model", "vgg16"], "--model: invalid choice: 'vgg16'"),
     (["--steps-per-call", "0"], "--steps-per-call: expected a positive integer, got '0'"),
     (["--resume", "runs/a", "--run-dir", "runs/b"], "do not also pass --run-dir"),
 ])
