@@ -245,10 +245,13 @@ class BatchNorm(nn.Module):
                                         lambda: jnp.zeros((), jnp.int32))
         dtype = self.dtype or x.dtype
         if train:
+            n = x.size // features
+            if n < 2:  # the unbiased variance would divide by zero; PyTorch raises too
+                raise ValueError(f"BatchNorm in training needs more than 1 value per channel, "
+                                 f"got input of shape {x.shape}")
             y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)  # biased var
             if not self.is_initializing():
-                n = x.size // features
-                unbiased = var * (n / max(n - 1, 1))
+                unbiased = var * (n / (n - 1))
                 running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
                 running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
                 batches_tracked.value = batches_tracked.value + 1

@@ -158,6 +158,13 @@ def test_batchnorm_uses_batch_statistics_in_training_and_running_ones_in_eval():
     np.testing.assert_allclose(y_eval, np.asarray(x) / np.sqrt(1 + 1e-5), rtol=1e-6)
 
 
+def test_batchnorm_training_on_one_value_per_channel_is_rejected():
+    x = jnp.ones((1, 1, 1, 5))
+    variables = BatchNorm().init(jax.random.key(0), x, train=False)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])
+
+
 class UserModel(nn.Module):
     """A user's own small Flax model with CBAM dropped in after a conv."""
 
