@@ -9,8 +9,8 @@ by the order of float reductions.
 
 Multi-host runs are SPMD: every process runs the same program on the same seed, so each one
 draws the same permutation of the same data set, and its devices gather only their own rows of
-each global batch. Every process must make the same jitted calls (they are collectives); only
-the primary process writes logs and plots.
+each global batch. Every process must make the same jitted calls (they are collectives), and
+orbax saves checkpoints collectively too; only the primary process writes logs and plots.
 """
 import jax
 import numpy as np

@@ -13,6 +13,7 @@ fall off the fast kernels, jax-ml/jax#12868); on GPU/TPU, where dispatch overhea
 import dataclasses
 import functools
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cbam_jax import distributed
 from cbam_jax.augment import augment, normalize
 from cbam_jax.models import INPUT_SHAPE
 from cbam_jax.resnet import MODEL_NAMES, create_model
@@ -115,8 +117,10 @@ def create_train_state(model, tx, rng: jax.Array, learning_rate: float) -> Train
 
 
 def set_learning_rate(state: TrainState, learning_rate: float) -> TrainState:
-    hyperparams = dict(state.opt_state.hyperparams, learning_rate=jnp.asarray(learning_rate,
-                                                                              jnp.float32))
+    old = state.opt_state.hyperparams["learning_rate"]
+    # Where the old value lives (e.g. replicated over a mesh): another placement would recompile.
+    new = jax.device_put(np.float32(learning_rate), old.sharding)
+    hyperparams = dict(state.opt_state.hyperparams, learning_rate=new)
     return state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
 
 
@@ -196,20 +200,25 @@ def epoch_permutation(rng, epoch, n: int):
 
 
 @functools.partial(jax.jit, donate_argnames=("state", "accum"),
-                   static_argnames=("model", "tx", "batch_size", "size", "looped", "with_grads"))
+                   static_argnames=("model", "tx", "batch_size", "size", "looped", "with_grads",
+                                    "data_sharding"))
 def train_batches(state, accum, images, labels, perm, first_batch, num_batches, *, model, tx,
-                  batch_size: int, size: int, looped: bool, with_grads: bool = False):
+                  batch_size: int, size: int, looped: bool, with_grads: bool = False,
+                  data_sharding=None):
     """Train on batches [first_batch, first_batch + num_batches) of the epoch's permutation.
 
     images: uint8 [N, 32, 32, 3] and labels [N] of the whole training set (on device);
     batch i is perm[i * batch_size : i * batch_size + size]. `looped` runs a rolled loop over
     `num_batches` (one compile for any count); otherwise exactly one step (`num_batches` == 1).
+    `data_sharding` (cbam_jax.distributed.batch_sharding) splits each batch over a mesh.
     """
+    shard = functools.partial(distributed.shard_batch, sharding=data_sharding)
 
     def one(batch, carry):
         state, accum = carry
         idx = jax.lax.dynamic_slice_in_dim(perm, batch * batch_size, size)
-        new_state, metrics = train_step(model, tx, state, images[idx], labels[idx], with_grads)
+        new_state, metrics = train_step(model, tx, state, shard(images[idx]), shard(labels[idx]),
+                                        with_grads)
         return new_state, _record(accum, batch, state.step, metrics), metrics.get("grads")
 
     if looped:
@@ -244,13 +253,14 @@ def epoch_plan(num_train: int, batch_size: int, steps_per_call: int, hist_every:
 
 
 @functools.partial(jax.jit, donate_argnames=("accum",),
-                   static_argnames=("model", "batch_size", "looped"))
+                   static_argnames=("model", "batch_size", "looped", "data_sharding"))
 def eval_batches(state, accum, images, labels, mask, first_batch, num_batches, *, model,
-                 batch_size: int, looped: bool):
+                 batch_size: int, looped: bool, data_sharding=None):
     """Evaluate batches of the padded test set: images uint8 [M, 32, 32, 3], M % batch_size == 0."""
 
     def one(batch, accum):
-        sl = lambda a: jax.lax.dynamic_slice_in_dim(a, batch * batch_size, batch_size)
+        sl = lambda a: distributed.shard_batch(
+            jax.lax.dynamic_slice_in_dim(a, batch * batch_size, batch_size), data_sharding)
         metrics = eval_step(model, state, sl(images), sl(labels), sl(mask))
         return {"loss": accum["loss"].at[batch].set(metrics["loss"]),
                 "correct": accum["correct"].at[batch].set(metrics["correct"].astype(jnp.int32))}
@@ -338,12 +348,15 @@ def _pad_test_set(images, labels, batch_size):
     return jax.device_put(images), jax.device_put(labels.astype(np.int32)), jax.device_put(mask)
 
 
-def evaluate(model, state, test_images, test_labels, test_mask, batch_size, looped):
+def evaluate(model, state, test_images, test_labels, test_mask, batch_size, looped,
+             data_sharding=None):
     """(mean of per-batch mean losses, accuracy %) over exactly the real test images."""
     num_batches = len(test_mask) // batch_size
     accum = {"loss": jnp.zeros((num_batches,), jnp.float32),
              "correct": jnp.zeros((num_batches,), jnp.int32)}
-    kwargs = dict(model=model, batch_size=batch_size, looped=looped)
+    if data_sharding is not None:  # where the step returns it, so that no call recompiles
+        accum = distributed.put_replicated(accum, data_sharding.mesh)
+    kwargs = dict(model=model, batch_size=batch_size, looped=looped, data_sharding=data_sharding)
     if looped:
         accum = eval_batches(state, accum, test_images, test_labels, test_mask, np.int32(0),
                              np.int32(num_batches), **kwargs)
@@ -367,7 +380,7 @@ def _check_finite(first_nonfinite_step, loss_at, num_batches, checkpoint_note):
 
 def train_epoch(model, tx, state, train_images, train_labels, epoch: int, config: TrainConfig,
                 steps_per_call: int, book=None, progress: _Progress | None = None,
-                checkpoint_note: str = ""):
+                checkpoint_note: str = "", data_sharding=None):
     """Train one epoch; returns (state, per-batch losses [float32], per-batch correct counts).
 
     Reads the on-device accumulator every `config.log_every` batches (TensorBoard scalars,
@@ -379,6 +392,8 @@ def train_epoch(model, tx, state, train_images, train_labels, epoch: int, config
     sizes = np.minimum(batch_size, n - batch_size * np.arange(num_batches))
     perm = epoch_permutation(state.rng, np.int32(epoch), n)
     accum = _new_accumulator(num_batches)
+    if data_sharding is not None:  # where the step returns it, so that no call recompiles
+        accum = distributed.put_replicated(accum, data_sharding.mesh)
     lr = learning_rate(state)
     logged_until = 0  # batches whose log boundary has been handled
 
@@ -404,7 +419,7 @@ def train_epoch(model, tx, state, train_images, train_labels, epoch: int, config
         state, accum, grads = train_batches(
             state, accum, train_images, train_labels, perm, np.int32(first), np.int32(count),
             model=model, tx=tx, batch_size=batch_size, size=size, looped=count > 1,
-            with_grads=with_grads)
+            with_grads=with_grads, data_sharding=data_sharding)
         done = first + count
         if with_grads and book is not None:
             book.histograms(epoch * num_batches + first, state.params, grads)
@@ -426,18 +441,26 @@ _RESUME_KEYS = ("batch_size", "learning_rate", "seed", "dtype", "model")
 
 def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: bool = False,
         stop_after_epoch: int | None = None, log: Callable[[str], None] = print,
-        progress_stream=None, report_params: bool = False) -> FitResult:
+        progress_stream=None, report_params: bool = False, mesh=None) -> FitResult:
     """The tutorial's training run: epochs of training then evaluation, the plateau schedule on
     the test loss, TensorBoard, plots and checkpoints in `run_dir`.
 
     `resume` continues from the latest checkpoint to exactly the result of an uninterrupted run
     (same device). `stop_after_epoch` ends the run after that epoch's checkpoint, as a kill would.
+    `mesh` (default: every device of every process, cbam_jax.distributed.make_mesh) splits each
+    batch over its devices; only the primary process logs, writes TensorBoard files and plots.
     """
     from cbam_jax.checkpoint import Checkpoints  # orbax, tensorboardX, matplotlib: train extras
     from cbam_jax.logbook import Logbook, plot_attention, plot_epoch_metrics, plot_iter_losses
 
     run_dir = Path(run_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoints"
+    mesh = mesh if mesh is not None else distributed.make_mesh()
+    distributed.check_batch_size(config.batch_size, mesh)
+    data_sharding = distributed.batch_sharding(mesh)
+    primary = distributed.is_primary_process()
+    if not primary:
+        log, progress_stream = (lambda *_: None), open(os.devnull, "w")
     model, tx = build(config.dtype, config.model, len(dataset.class_names))
     steps_per_call = config.steps_per_call or default_steps_per_call()
     looped_eval = steps_per_call > 1
@@ -446,6 +469,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
 
     schedule = tutorial_plateau()
     state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), config.learning_rate)
+    state = distributed.put_replicated(state, mesh)
     if report_params:
         from cbam_jax.models import parameter_report
         parameter_report(state.params, log)
@@ -469,17 +493,20 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
         log(f"Resuming from {checkpoint_dir} after epoch {start_epoch} (step "
             f"{int(state.step)}, lr {plateau.lr:.3g})")
 
-    book = Logbook(run_dir, purge_step=start_epoch * num_batches if resume else None)
-    if not resume:
+    book = (Logbook(run_dir, purge_step=start_epoch * num_batches if resume else None)
+            if primary else None)
+    if book is not None and not resume:
         book.hyperparameters({**dataclasses.asdict(config), "dataset": dataset.name,
                               "steps_per_call": steps_per_call, "device": str(jax.devices()[0]),
+                              "devices": mesh.size, "processes": jax.process_count(),
                               "scheduler": "ReduceLROnPlateau(mode=min, patience=3, factor=0.5) "
                                            "on the test loss"})
-    train_images = jax.device_put(np.asarray(dataset.train_images, np.uint8))
-    train_labels = jax.device_put(np.asarray(dataset.train_labels, np.int32))
-    test_images, test_labels, test_mask = _pad_test_set(
+    train_images, train_labels = distributed.put_replicated(
+        (np.asarray(dataset.train_images, np.uint8), np.asarray(dataset.train_labels, np.int32)),
+        mesh)
+    test_images, test_labels, test_mask = distributed.put_replicated(_pad_test_set(
         np.asarray(dataset.test_images, np.uint8), np.asarray(dataset.test_labels, np.int32),
-        config.batch_size)
+        config.batch_size), mesh)
     shown = np.asarray(dataset.test_images[:config.num_attention_images], np.uint8)
 
     maps = None
@@ -492,13 +519,13 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
             start = time.perf_counter()
             state, losses, correct = train_epoch(model, tx, state, train_images, train_labels,
                                                  epoch, config, steps_per_call, book, progress,
-                                                 note)
+                                                 note, data_sharding)
             epoch_time = time.perf_counter() - start
             progress.close()
             train_loss = float(np.mean(losses, dtype=np.float64))
             train_acc = 100.0 * float(correct.sum()) / n_train
             test_loss, test_acc = evaluate(model, state, test_images, test_labels, test_mask,
-                                           config.batch_size, looped_eval)
+                                           config.batch_size, looped_eval, data_sharding)
             if not math.isfinite(test_loss):
                 raise NonFiniteLossError(f"test loss is {test_loss} after epoch {epoch + 1}: "
                                          f"stopping. {note}")
@@ -513,11 +540,13 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
             lr_used = plateau.lr
             plateau = schedule.step(plateau, test_loss)
 
-            book.epoch_scalars(epoch, train_loss, train_acc, test_loss, test_acc, epoch_time,
-                               n_train / epoch_time)
+            # Every process computes the maps: a jitted call over the mesh is a collective.
             maps = [np.asarray(m) for m in attention_maps(model, state, shown)]
-            book.attention(epoch, shown, maps)
-            book.flush()
+            if book is not None:
+                book.epoch_scalars(epoch, train_loss, train_acc, test_loss, test_acc, epoch_time,
+                                   n_train / epoch_time)
+                book.attention(epoch, shown, maps)
+                book.flush()
 
             is_best = test_acc > best_test_acc
             best_test_acc = max(best_test_acc, test_acc)
@@ -531,9 +560,10 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
     finally:  # also after a failure or Ctrl-C: the figures of the epochs that finished
-        book.close()
-        checkpoints.close()
-        if maps is not None:  # the last finished epoch's maps (a failed epoch's state is gone)
+        if book is not None:
+            book.close()
+        checkpoints.close()  # orbax saves collectively: process 0 writes the replicated state
+        if maps is not None and primary:  # the last finished epoch's maps (a failed epoch's state is gone)
             plot_iter_losses(history.iter_loss, run_dir / "iteration_loss.png")
             plot_epoch_metrics(history, run_dir / "epoch_metrics.png")
             plot_attention(shown, maps, dataset.class_names,

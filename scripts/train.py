@@ -4,6 +4,7 @@ Offline demo: `python scripts/train.py --dataset digits --epochs 3`.
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--epochs", type=positive_int, default=50, help="number of training epochs")
     p.add_argument("--batch-size", type=positive_int, default=64,
-                   help="training and evaluation batch size")
+                   help="training and evaluation batch size: the global batch, split evenly over "
+                        "all devices of all processes (which must divide it)")
     p.add_argument("--lr", type=positive_float, default=1e-3,
                    help="initial Adam learning rate (halved by ReduceLROnPlateau on the test "
                         "loss after 4 epochs without improvement)")
@@ -71,7 +73,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="batches between Train/Batch_* scalars and progress updates")
     p.add_argument("--hist-every", type=positive_int, default=500,
                    help="batches between weight and gradient histograms")
+    p.add_argument("--devices", type=positive_int, default=None,
+                   help="train data-parallel on the first N devices of each process "
+                        "(default: all local GPUs/TPU chips; 1 on CPU)")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run whose coordinator and ranks JAX detects "
+                        "(Cloud TPU pod slices, SLURM, Open MPI); elsewhere give the three "
+                        "flags below")
+    p.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="multi-process: address of process 0, the same for every process")
+    p.add_argument("--num-processes", type=positive_int, default=None,
+                   help="multi-process: how many processes (typically one per host)")
+    p.add_argument("--process-id", type=non_negative_int, default=None,
+                   help="multi-process: this process's rank, 0 .. num-processes - 1; process 0 "
+                        "writes the logs, plots and .pth export")
     args = p.parse_args(argv)
+    cluster = (args.coordinator_address, args.num_processes, args.process_id)
+    if any(v is not None for v in cluster) and None in cluster and not args.distributed:
+        p.error("--coordinator-address, --num-processes and --process-id go together "
+                "(or add --distributed to let JAX detect the missing ones)")
+    if None not in cluster[1:] and args.process_id >= args.num_processes:
+        p.error(f"--process-id must be below --num-processes ({args.num_processes}), "
+                f"got {args.process_id}")
     if args.resume is not None and args.run_dir is not None:
         p.error("--resume RUN_DIR names the run directory; do not also pass --run-dir")
     return args
@@ -81,6 +104,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # Heavy imports after parsing, so that --help and bad flags answer at once.
     import jax
+
+    from cbam_jax import distributed
+    try:  # before any other JAX call: a multi-process run must be joined first
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                               autodetect=args.distributed)
+        mesh = distributed.make_mesh(args.devices)
+        distributed.check_batch_size(args.batch_size, mesh)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_count() > 1 and not (args.run_dir or args.resume):
+        print("error: a multi-process run needs --run-dir (or --resume RUN_DIR), the same path "
+              "for every process", file=sys.stderr)
+        return 2
+    if not distributed.is_primary_process():  # the others would repeat process 0's report
+        sys.stdout = open(os.devnull, "w")
 
     from cbam_jax.data import DatasetUnavailableError, load_dataset
     from cbam_jax.logbook import latest_run_dir, next_run_dir
@@ -94,7 +133,9 @@ def main(argv=None) -> int:
             return 2
     else:
         run_dir = Path(args.run_dir) if args.run_dir else next_run_dir(DEFAULT_RUN_DIR)
-    print(f"Device: {jax.devices()[0]} ({jax.default_backend()})")
+    print(f"Device: {jax.devices()[0]} ({jax.default_backend()})"
+          + (f", data parallel over {mesh.size} devices in {jax.process_count()} process(es)"
+             if mesh.size > 1 else ""))
     try:
         dataset = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
     except DatasetUnavailableError as e:
@@ -107,10 +148,12 @@ def main(argv=None) -> int:
     print(f"Run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
     try:
         result = fit(config, dataset, run_dir, checkpoint_dir=args.checkpoint_dir,
-                     resume=args.resume is not None, report_params=True)
+                     resume=args.resume is not None, report_params=True, mesh=mesh)
     except (NonFiniteLossError, ResumeMismatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not distributed.is_primary_process():
+        return 0  # process 0 reports and exports the model
     print(f"Training finished! Final test accuracy: {result.final_test_acc:.2f}%")
     if args.model == "cbam_cnn":  # the tutorial's CBAM_CNN is the one PyTorch model we mirror
         export_pth(result, run_dir / f"{dataset.name}_cbam_cnn_model.pth")
