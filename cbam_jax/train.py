@@ -469,10 +469,10 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
 
     schedule = tutorial_plateau()
     state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), config.learning_rate)
-    state = distributed.put_replicated(state, mesh)
-    if report_params:
+    if report_params:  # before any pytree map, which would sort the modules by name
         from cbam_jax.models import parameter_report
         parameter_report(state.params, log)
+    state = distributed.put_replicated(state, mesh)
     plateau, history = schedule.init(config.learning_rate), History()
     start_epoch, best_test_acc = 0, -1.0
     checkpoints = Checkpoints(checkpoint_dir)
