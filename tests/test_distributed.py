@@ -137,8 +137,7 @@ BF16 = """
     from cbam_jax.train import _pad_test_set
 
     digits = load_digits()
-    # 1,408 = 22 whole batches of 64: one compiled step shape. (Batch 32, 4 images per device,
-    # deadlocks XLA:CPU's in-process all-reduce with 8 forced devices on 2 cores; see the report.)
+    # 1,408 = 22 whole batches of 64: a single compiled step shape.
     config = TrainConfig(epochs=6, batch_size=64, dtype="bfloat16", log_every=1000,
                          hist_every=1000)
     model, tx = build(config.dtype)
