@@ -563,7 +563,8 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
         if book is not None:
             book.close()
         checkpoints.close()  # orbax saves collectively: process 0 writes the replicated state
-        if maps is not None and primary:  # the last finished epoch's maps (a failed epoch's state is gone)
+        # The last finished epoch's maps (a failed epoch's state is gone); process 0 plots.
+        if maps is not None and primary:
             plot_iter_losses(history.iter_loss, run_dir / "iteration_loss.png")
             plot_epoch_metrics(history, run_dir / "epoch_metrics.png")
             plot_attention(shown, maps, dataset.class_names,
