@@ -97,7 +97,10 @@ def put_replicated(tree, mesh: Mesh):
     sharding = replicated(mesh)
 
     def put(x):
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        # An uncommitted array (fresh from `init`) must be committed too: jit outputs are, and
+        # the first call after the first epoch would otherwise compile everything again.
+        if (isinstance(x, jax.Array) and x.committed
+                and x.sharding.is_equivalent_to(sharding, x.ndim)):
             return x
         # Through host memory: JAX does not copy from one process's device to another host's.
         return jax.device_put(np.asarray(x), sharding)

@@ -30,7 +30,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cbam_jax import train  # noqa: E402
+from cbam_jax import distributed, train  # noqa: E402
 from cbam_jax.augment import augment, normalize  # noqa: E402
 from cbam_jax.data import Dataset  # noqa: E402
 
@@ -313,16 +313,20 @@ def jax_epoch(n_train: int, n_test: int, batch: int = 64):
     model, tx, state = _jax_state()
     config = train.TrainConfig(epochs=1, batch_size=batch)
     steps_per_call = train.default_steps_per_call()
-    train_images = jax.device_put(data.train_images)
-    train_labels = jax.device_put(data.train_labels)
+    mesh = distributed.make_mesh()  # placed as train.fit places them
+    data_sharding = distributed.batch_sharding(mesh)
+    state = distributed.put_replicated(state, mesh)
+    train_images, train_labels = distributed.put_replicated(
+        (data.train_images, data.train_labels), mesh)
     test = train._pad_test_set(data.test_images, data.test_labels, batch)
     holder, epoch = [state], iter(range(1 << 30))
 
     def run():
         start = time.perf_counter()
         holder[0], _, _ = train.train_epoch(model, tx, holder[0], train_images, train_labels,
-                                            next(epoch), config, steps_per_call)
-        train.evaluate(model, holder[0], *test, batch, steps_per_call > 1)
+                                            next(epoch), config, steps_per_call,
+                                            data_sharding=data_sharding)
+        train.evaluate(model, holder[0], *test, batch, steps_per_call > 1, data_sharding)
         return (n_train + n_test) / (time.perf_counter() - start)
     return run
 

@@ -78,7 +78,9 @@ def test_digits_run_prints_device_parameters_epochs_and_final_accuracy(script, c
     assert code == 0
     assert f"Device: {jax.devices()[0]} (cpu)" in out
     assert "Total trainable parameters: 1,150,896" in out
-    assert "cbam3.spatial_attn.conv.weight: 98" in out
+    table = out.split("Parameters per layer:\n", 1)[1].splitlines()
+    assert table[:2] == ["conv1.weight: 864", "conv1.bias: 32"]  # the tutorial's order
+    assert table[24] == "fc2.bias: 10"
     assert "Epoch 1/1 [####################] 45/45" in out  # the progress bar
     assert "Epoch 1/1 done | train loss" in out and "| lr 0.001 |" in out
     assert "Training finished! Final test accuracy:" in out
