@@ -133,16 +133,11 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def train_step(model, tx, state: TrainState, images, labels, with_grads: bool = False):
-    """One Adam step on a uint8 batch: augment, forward in train mode, cross-entropy, update.
+def adam_step(model, tx, state: TrainState, x, labels, dropout_key):
+    """Forward in train mode on a normalised batch x, cross-entropy, one Adam update.
 
-    images: uint8 [B, 32, 32, 3]; labels: int32 [B]. Returns (state, metrics) with the batch's
-    mean loss and number of correct predictions (and the gradients when `with_grads`).
+    Returns (state, loss, logits, grads); `train_step` adds the augmentation and the metrics.
     """
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, _STEP_STREAM), state.step)
-    augment_key, dropout_key = jax.random.split(key)
-    x = augment(augment_key, images)
-
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
                                       train=True, rngs={"dropout": dropout_key},
@@ -154,6 +149,19 @@ def train_step(model, tx, state: TrainState, images, labels, with_grads: bool = 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           batch_stats=batch_stats, opt_state=opt_state)
+    return state, loss, logits, grads
+
+
+def train_step(model, tx, state: TrainState, images, labels, with_grads: bool = False):
+    """One Adam step on a uint8 batch: augment, forward in train mode, cross-entropy, update.
+
+    images: uint8 [B, 32, 32, 3]; labels: int32 [B]. Returns (state, metrics) with the batch's
+    mean loss and number of correct predictions (and the gradients when `with_grads`).
+    """
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, _STEP_STREAM), state.step)
+    augment_key, dropout_key = jax.random.split(key)
+    state, loss, logits, grads = adam_step(model, tx, state, augment(augment_key, images),
+                                           labels, dropout_key)
     metrics = {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
     if with_grads:
         metrics["grads"] = grads

@@ -147,17 +147,7 @@ def jax_train_step(batch: int, calls: int):
 
     def step(state, x, y):
         dropout_key = jax.random.fold_in(state.rng, state.step)
-
-        def loss_fn(params):
-            logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
-                                          x, train=True, rngs={"dropout": dropout_key},
-                                          mutable=["batch_stats"])
-            return train.cross_entropy(logits, y), updates["batch_stats"]
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             batch_stats=batch_stats, opt_state=opt_state), loss
+        return train.adam_step(model, tx, state, x, y, dropout_key)[:2]
 
     step = jax.jit(step, donate_argnums=0)
     holder = [state]
