@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cbam_jax.models import BLOCK_CHANNELS, INPUT_SHAPE, CBAMCNN
-from cbam_jax.train import make_optimizer
+from cbam_jax.train import TrainState, adam_step, make_optimizer
 from parity.convert import flax_to_torch, torch_to_flax
 from parity.reference import CBAM_CNN
 
@@ -243,22 +243,19 @@ def adam_comparisons(state_dict, batches, eval_x: torch.Tensor,
     model = CBAMCNN(dropout_rate=0.0)
     tx = make_optimizer(learning_rate)
     variables = torch_to_flax(state_dict)
-    params, batch_stats = variables["params"], variables["batch_stats"]
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, batch_stats, opt_state, x, y):
-        grads, batch_stats = jax.grad(lambda p: _jax_loss(model, p, batch_stats, x, y),
-                                      has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), batch_stats, opt_state
+    no_dropout = jax.random.key(0)  # dropout_rate=0: the key is never used
+    # The engine's own update (train.adam_step), so the comparison covers the training code.
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                       batch_stats=variables["batch_stats"],
+                       opt_state=tx.init(variables["params"]), rng=no_dropout)
+    step = jax.jit(lambda state, x, y: adam_step(model, tx, state, x, y, no_dropout)[0])
 
     jax_biases = []
     for x, y in batches:
-        jax_biases.append(flax_to_torch({"params": params, "batch_stats": batch_stats}))
-        params, batch_stats, opt_state = step(params, batch_stats, opt_state, nchw_to_nhwc(x),
-                                              jnp.asarray(y.numpy()))
-    trained = {"params": params, "batch_stats": batch_stats}
+        jax_biases.append(flax_to_torch({"params": state.params,
+                                         "batch_stats": state.batch_stats}))
+        state = step(state, nchw_to_nhwc(x), jnp.asarray(y.numpy()))
+    trained = {"params": state.params, "batch_stats": state.batch_stats}
     got = flax_to_torch(trained)
     expected = {k: v.clone() for k, v in tm.state_dict().items()}
 
