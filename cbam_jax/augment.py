@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cbam_jax.data import IMAGE_SHAPE
+
 # transforms.Normalize constants of the tutorial.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
-IMAGE_SHAPE = (32, 32, 3)
 CROP_PADDING = 4           # RandomCrop(32, padding=4): offsets 0..8 into the 40x40 padded image
 FLIP_PROBABILITY = 0.5     # RandomHorizontalFlip()
 BRIGHTNESS = CONTRAST = SATURATION = 0.2  # ColorJitter: factors uniform in [0.8, 1.2]

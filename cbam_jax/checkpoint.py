@@ -8,44 +8,68 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
+ITEMS = ("state", "meta")
+
 
 class Checkpoints:
-    """Synchronous saves: a checkpoint is complete on disk before the next epoch starts
-    (orbax writes to a temporary directory and renames it, so a kill never leaves half a one)."""
+    """Synchronous saves: a checkpoint is complete on disk before the next epoch starts. Orbax
+    writes to a temporary directory and renames it, so a kill never leaves half a one; the
+    temporary directory a kill leaves behind is removed when the run is resumed.
+
+    Nothing is created on disk until the first save: looking for a checkpoint to resume from
+    leaves no empty directories behind.
+    """
 
     def __init__(self, directory):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
-        self.latest = ocp.CheckpointManager(self.directory / "latest", options=options,
-                                            item_names=("state", "meta"))
-        self.best = ocp.CheckpointManager(self.directory / "best", options=options,
-                                          item_names=("state", "meta"))
+        self._managers = {}
+
+    def _manager(self, name: str, create: bool = False) -> ocp.CheckpointManager | None:
+        if name not in self._managers:
+            if not create and not (self.directory / name).is_dir():
+                return None
+            options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
+                                                   cleanup_tmp_directories=True)
+            self._managers[name] = ocp.CheckpointManager(self.directory / name, options=options,
+                                                         item_names=ITEMS)
+        return self._managers[name]
 
     def save(self, epoch: int, state, meta: dict, is_best: bool):
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   meta=ocp.args.JsonSave(meta))
-        self.latest.save(epoch, args=args)
+        self._manager("latest", create=True).save(epoch, args=args)
         if is_best:
-            self.best.save(epoch, args=args)
+            self._manager("best", create=True).save(epoch, args=args)
 
     def latest_epoch(self) -> int | None:
-        return self.latest.latest_step()
+        manager = self._manager("latest")
+        return None if manager is None else manager.latest_step()
+
+    def latest_meta(self) -> dict:
+        """The JSON record of the latest checkpoint alone (no arrays are read)."""
+        manager = self._require("latest")
+        return manager.restore(manager.latest_step(),
+                               args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore_latest(self, target):
         """(state shaped like `target`, meta) of the latest checkpoint."""
-        return self._restore(self.latest, target)
+        return self._restore("latest", target)
 
     def restore_best(self, target):
-        return self._restore(self.best, target)
+        return self._restore("best", target)
 
-    def _restore(self, manager, target):
-        epoch = manager.latest_step()
-        if epoch is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {manager.directory}")
-        restored = manager.restore(epoch, args=ocp.args.Composite(
+    def _require(self, name: str) -> ocp.CheckpointManager:
+        manager = self._manager(name)
+        if manager is None or manager.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {self.directory / name}")
+        return manager
+
+    def _restore(self, name, target):
+        manager = self._require(name)
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
 
     def close(self):
-        self.latest.close()
-        self.best.close()
+        for manager in self._managers.values():
+            manager.close()

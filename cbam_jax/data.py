@@ -27,6 +27,8 @@ import zlib
 
 import numpy as np
 
+from cbam_jax.recipe import DATASETS
+
 # The tarball torchvision.datasets.CIFAR10 downloads, and its md5 (torchvision/datasets/cifar.py).
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_TARBALL = "cifar-10-python.tar.gz"
@@ -43,7 +45,7 @@ DIGITS_TEST_FRACTION = 0.2  # 1,797 images -> 1,437 train / 360 test, stratified
 DIGITS_SPLIT_SEED = 0
 DIGITS_NUM_TRAIN, DIGITS_NUM_TEST = 1437, 360
 
-DATASETS = ("auto", "cifar10", "digits")
+IMAGE_SHAPE = (32, 32, 3)  # H, W, C of every image here (digits are upsampled to it)
 _DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -64,22 +66,28 @@ class DatasetUnavailableError(RuntimeError):
 
 
 class CorruptDataError(DatasetUnavailableError):
-    """A local data file exists but is truncated, corrupt or not in the expected format."""
+    """A local copy exists but cannot be read: truncated, corrupt, not in the expected format,
+    or tfds data without tensorflow-datasets installed. Never replaced by a fallback."""
 
 
-def how_to_supply_cifar10(data_dir: str) -> str:
-    """The ways to supply CIFAR-10, as printed whenever it cannot be obtained."""
+def how_to_supply_cifar10(data_dir: str, download: bool = True) -> str:
+    """The ways to supply CIFAR-10, as printed whenever it cannot be obtained; `download` says
+    whether this run was allowed to download (otherwise the advice is to allow it)."""
     d = os.path.abspath(data_dir)
+    fetch = ("then run again with network access" if download
+             else "then run again without --no-download")
     return (
         "Ways to supply CIFAR-10 (any one):\n"
         f"  * torchvision's folder: put cifar-10-batches-py/ (what torchvision.datasets.CIFAR10 "
         f"downloads) in {d}\n"
         f"  * torchvision's tarball: put {CIFAR10_TARBALL} (from {CIFAR10_URL}) in {d}\n"
         f"  * tensorflow-datasets: prepare cifar10 into {d} (pip install 'cbam-jax[tfds-prepare]', "
-        f"then run again with network access), or place {TFDS_MANUAL_TARBALL} in "
+        f"{fetch}), or place {TFDS_MANUAL_TARBALL} in "
         f"{os.path.join(d, 'downloads', 'manual')} and prepare offline\n"
-        "  * run with network access: the tarball is downloaded automatically\n"
-        "  * or train on the offline stand-in: --dataset digits")
+        + ("  * run with network access: the tarball is downloaded automatically\n" if download
+           else "  * allow downloading (drop --no-download; download=True in load_dataset): "
+                "the tarball is fetched automatically\n")
+        + "  * or train on the offline stand-in: --dataset digits")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,9 +140,15 @@ def _decode_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
                  else type(data).__name__)
         raise CorruptDataError(f"{where}: 'data' should be a uint8 array of shape [n, 3072], "
                                f"found {found}")
-    if not isinstance(labels, list) or len(labels) != len(data) \
-            or not all(isinstance(y, int) and 0 <= y < 10 for y in labels):
-        raise CorruptDataError(f"{where}: 'labels' should be a list of {len(data)} ints in 0..9")
+    expected = f"{where}: 'labels' should be a list of {len(data)} ints in 0..9"
+    if not isinstance(labels, list) or len(labels) != len(data):
+        found = (f"a list of {len(labels)}" if isinstance(labels, list)
+                 else type(labels).__name__)
+        raise CorruptDataError(f"{expected}, found {found}")
+    bad = next((i for i, y in enumerate(labels)
+                if not (isinstance(y, int) and 0 <= y < 10)), None)
+    if bad is not None:
+        raise CorruptDataError(f"{expected}, but label {bad} is {labels[bad]!r}")
     # Rows are channel-major (1024 R, 1024 G, 1024 B), each plane row-major.
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), np.asarray(labels, np.int32)
@@ -222,7 +236,7 @@ def load_cifar10_tfds(data_dir: str) -> Dataset:
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise DatasetUnavailableError(
+        raise CorruptDataError(
             f"{data_dir}/cifar10 looks like tfds data, but tensorflow-datasets is not installed "
             "(pip install 'cbam-jax[train]')") from None
     try:
@@ -310,19 +324,23 @@ def load_cifar10(data_dir: str = "./data", download: bool = True, log=print) -> 
     DatasetUnavailableError naming every way to supply it when none does."""
     folder = os.path.join(data_dir, CIFAR10_FOLDER)
     tarball = os.path.join(data_dir, CIFAR10_TARBALL)
+    unreadable_tfds = None
     if _tfds_prepared(data_dir):
         try:
             return load_cifar10_tfds(data_dir)
-        except DatasetUnavailableError as e:  # e.g. prepared as tfrecord: other sources may do
+        except CorruptDataError as e:  # e.g. prepared as tfrecord: another local copy may do
             log(f"skipping tfds data: {e}")
+            unreadable_tfds = e
     if os.path.isdir(folder):
         return load_cifar10_folder(folder)
     if os.path.isfile(tarball):
         return load_cifar10_tarball(tarball)
+    if unreadable_tfds is not None:  # the only local copy is broken: say so, fetch nothing
+        raise unreadable_tfds
     if not download:
         raise DatasetUnavailableError(
             f"CIFAR-10 not found in {os.path.abspath(data_dir)} and downloading is off.\n"
-            + how_to_supply_cifar10(data_dir))
+            + how_to_supply_cifar10(data_dir, download=False))
     if _tensorflow_available():
         log(f"preparing CIFAR-10 with tensorflow-datasets into {data_dir}")
         try:
@@ -359,7 +377,9 @@ def load_digits() -> Dataset:
 def load_dataset(name: str = "auto", data_dir: str = "./data", download: bool = True,
                  log=print) -> Dataset:
     """'cifar10' (raises if unavailable), 'digits', or 'auto': CIFAR-10 when it can be had,
-    else digits, saying why. The chosen source is printed through `log`."""
+    else digits, saying why. `auto` falls back only when there is no local copy and none can be
+    fetched: a local copy that cannot be read raises CorruptDataError, as 'cifar10' does.
+    The chosen source is printed through `log`."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if name == "digits":
@@ -369,6 +389,8 @@ def load_dataset(name: str = "auto", data_dir: str = "./data", download: bool = 
     else:
         try:
             dataset = load_cifar10(data_dir, download, log)
+        except CorruptDataError:
+            raise  # the user's own CIFAR-10 is broken: digits would hide that
         except DatasetUnavailableError as e:
             log(f"CIFAR-10 is unavailable, so this run uses scikit-learn's digits instead.\n{e}")
             dataset = load_digits()
@@ -378,6 +400,6 @@ def load_dataset(name: str = "auto", data_dir: str = "./data", download: bool = 
 
 
 def _check_images(images: np.ndarray, where: str) -> None:
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
         raise CorruptDataError(f"{where}: expected uint8 images [N, 32, 32, 3], "
                                f"found {images.dtype} {images.shape}")

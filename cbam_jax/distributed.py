@@ -97,10 +97,11 @@ def put_replicated(tree, mesh: Mesh):
     sharding = replicated(mesh)
 
     def put(x):
-        # An uncommitted array (fresh from `init`) must be committed too: jit outputs are, and
-        # the first call after the first epoch would otherwise compile everything again.
-        if (isinstance(x, jax.Array) and x.committed
-                and x.sharding.is_equivalent_to(sharding, x.ndim)):
+        # Anything not already laid out exactly so is placed again: an uncommitted array (fresh
+        # from `init`), or one on a single device, which `is_equivalent_to` calls the same on a
+        # 1-device mesh. jit outputs carry this sharding, and a first call that saw another one
+        # would compile everything a second time.
+        if isinstance(x, jax.Array) and x.committed and x.sharding == sharding:
             return x
         # Through host memory: JAX does not copy from one process's device to another host's.
         return jax.device_put(np.asarray(x), sharding)

@@ -1,8 +1,9 @@
-"""CBAM's attention layers (Woo et al., ECCV 2018) and a BatchNorm with PyTorch's semantics.
+"""CBAM's attention layers (Woo et al., ECCV 2018) and a BatchNorm with PyTorch's semantics, as
+Flax Linen modules. The arithmetic they share with the NNX modules lives in `cbam_jax.ops`.
 
-All layers take NHWC input `x: [B, H, W, C]`; channels are inferred from the input at `init`.
-Defaults reproduce the tutorial's PyTorch modules (see shared/SPEC.md): parameter names map
-one-to-one onto theirs (`fc_0` <-> `fc.0`, `kernel` <-> `weight`).
+All layers take NHWC floating-point input `x: [B, H, W, C]`; channels are inferred from the
+input at `init`. Defaults reproduce the tutorial's PyTorch modules (see shared/SPEC.md):
+parameter names map one-to-one onto theirs (`fc_0` <-> `fc.0`, `kernel` <-> `weight`).
 """
 from typing import Any, Callable, Sequence
 
@@ -10,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cbam_jax.ops import batch_norm_train
+from cbam_jax import ops
 
 Dtype = Any
 
@@ -29,56 +30,15 @@ def torch_bias_init(fan_in: int):
     return init
 
 
-def _check_nhwc(x, module: str):
-    if x.ndim != 4:
-        raise ValueError(
-            f"{module} expects NHWC input [batch, height, width, channels], got shape {x.shape} "
-            f"(rank {x.ndim})"
-        )
-
-
-# Global pools over H, W for the channel gate: x [B, H, W, C] -> [B, C].
-CHANNEL_POOLS = {
-    "avg": lambda x: x.mean(axis=(1, 2)),
-    "max": lambda x: x.max(axis=(1, 2)),
-    # The official code's F.lp_pool2d(x, 2, (H, W)): sqrt of the sum (not the mean) of squares.
-    "lp": lambda x: jnp.sqrt(jnp.square(x).sum(axis=(1, 2))),
-    "lse": lambda x: jax.nn.logsumexp(x, axis=(1, 2)),
-}
-# Channel-wise pools for the spatial gate: x [B, H, W, C] -> [B, H, W].
-SPATIAL_POOLS = {"avg": lambda x: x.mean(axis=-1), "max": lambda x: x.max(axis=-1)}
-
-
-def _check_pools(names, allowed: dict, field: str):
-    if isinstance(names, str) or not names or any(n not in allowed for n in names):
-        raise ValueError(f"{field} must be a non-empty sequence of {sorted(allowed)}, got {names!r}")
-
-
-def reduced_width(channels: int, ratio: float = 16, hidden_features: int | None = None,
-                  min_hidden: int = 1, rd_round: str = "floor") -> int:
-    """Channel-MLP hidden width: `hidden_features`, else C // ratio ('floor') or round(C / ratio) ('nearest', timm)."""
-    if hidden_features is not None:
-        width = hidden_features
-    elif ratio <= 0:
-        raise ValueError(f"ChannelAttention.ratio must be > 0, got {ratio}")
-    elif rd_round == "floor":  # the tutorial's and the official `C // ratio`
-        width = int(channels // ratio)
-    elif rd_round == "nearest":  # timm's make_divisible(C / ratio, 1, round_limit=0.)
-        width = int(channels / ratio + 0.5)
-    else:
-        raise ValueError(f"rd_round must be 'floor' or 'nearest', got {rd_round!r}")
-    return max(min_hidden, width)
-
-
 class ChannelAttention(nn.Module):
-    """Channel gate: a shared bias-free MLP over global average and max pools, then sigmoid.
+    """Channel gate: a shared MLP over global pools (average and max), summed, then sigmoid.
 
-    The hidden width is `channels // ratio`, floored at 1 hidden unit: the tutorial's module
+    The hidden width is `channels // ratio`, floored at `min_hidden` (1): the tutorial's module
     builds a zero-width layer (and fails) for fewer than `ratio` channels; a reusable block
     should still work there, and for channels >= ratio the result is the tutorial's exactly.
     """
 
-    ratio: int = 16
+    ratio: float = 16
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     pool_types: Sequence[str] = ("avg", "max")  # summed in this order; also "lp", "lse"
@@ -91,32 +51,22 @@ class ChannelAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x):  # x: [B, H, W, C]
-        _check_nhwc(x, "ChannelAttention")
-        _check_pools(self.pool_types, CHANNEL_POOLS, "ChannelAttention.pool_types")
-        if self.ratio < 1:
-            raise ValueError(f"ChannelAttention.ratio must be >= 1, got {self.ratio}")
+        ops.check_nhwc(x, "ChannelAttention")
+        ops.check_names(self.pool_types, ops.CHANNEL_POOLS, "ChannelAttention.pool_types")
         channels = x.shape[-1]
         built_for = self.variables.get("params", {}).get("fc_0", {}).get("kernel")
         if built_for is not None and built_for.shape[0] != channels:
             raise ValueError(
                 f"ChannelAttention params were built for {built_for.shape[0]} channels: expected "
-                f"input [B, H, W, {built_for.shape[0]}], got {x.shape}"
-            )
-        hidden = reduced_width(channels, self.ratio, self.hidden_features, self.min_hidden,
-                               self.rd_round)
+                f"input [B, H, W, {built_for.shape[0]}], got {x.shape}")
+        hidden = ops.reduced_width(channels, self.ratio, self.hidden_features, self.min_hidden,
+                                   self.rd_round)
         dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                      kernel_init=torch_kernel_init)
-        # One MLP call over all pooled descriptors: [P, B, C].
-        pooled = jnp.stack([CHANNEL_POOLS[p](x) for p in self.pool_types])
-        hidden_act = self.act(nn.Dense(hidden, name="fc_0", bias_init=torch_bias_init(channels),
-                                       **dense)(pooled))
-        logits = nn.Dense(channels, name="fc_2", bias_init=torch_bias_init(hidden),
-                          **dense)(hidden_act)
-        summed = logits[0]
-        for more in logits[1:]:  # in pool order, as the official loop adds them
-            summed = summed + more
-        attention = self.gate(summed)  # [B, C]
-        return x * attention[:, None, None, :].astype(x.dtype)
+        fc_0 = nn.Dense(hidden, name="fc_0", bias_init=torch_bias_init(channels), **dense)
+        fc_2 = nn.Dense(channels, name="fc_2", bias_init=torch_bias_init(hidden), **dense)
+        return ops.channel_attention(x, lambda pooled: fc_2(self.act(fc_0(pooled))),
+                                     self.pool_types, self.gate)
 
 
 class SpatialAttention(nn.Module):
@@ -138,23 +88,23 @@ class SpatialAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):  # x: [B, H, W, C]
-        _check_nhwc(x, "SpatialAttention")
-        _check_pools(self.pool_order, SPATIAL_POOLS, "SpatialAttention.pool_order")
-        k = self.kernel_size
-        if k < 1 or k % 2 == 0:
-            # PyTorch's padding=k//2 with an even k makes the gate one pixel larger than x.
-            raise ValueError(f"SpatialAttention.kernel_size must be odd and >= 1, got {k}")
-        maps = jnp.stack([SPATIAL_POOLS[p](x) for p in self.pool_order], axis=-1)  # [B, H, W, 2]
-        logits = nn.Conv(1, (k, k), padding=((k // 2, k // 2), (k // 2, k // 2)),
-                         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                         kernel_init=torch_kernel_init,
-                         bias_init=torch_bias_init(k * k * len(self.pool_order)), name="conv")(maps)
-        if self.use_bn:
-            logits = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype,
-                               name="bn")(logits, train)
-        attention = self.gate(logits)  # [B, H, W, 1]
+        ops.check_nhwc(x, "SpatialAttention")
+        ops.check_names(self.pool_order, ops.SPATIAL_POOLS, "SpatialAttention.pool_order")
+        ops.check_kernel_size(self.kernel_size, "SpatialAttention")
+        k, pad = self.kernel_size, self.kernel_size // 2
+        conv = nn.Conv(1, (k, k), padding=((pad, pad), (pad, pad)), use_bias=self.use_bias,
+                       dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=torch_kernel_init,
+                       bias_init=torch_bias_init(k * k * len(self.pool_order)), name="conv")
+        norm = (BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name="bn") if self.use_bn else None)
+
+        def logits(maps):  # [B, H, W, P] -> [B, H, W, 1]
+            return norm(conv(maps), train) if norm else conv(maps)
+
+        y, attention = ops.spatial_attention(x, logits, self.pool_order, self.gate)
         self.sow("intermediates", "spatial_attention", attention)
-        return x * attention.astype(x.dtype)
+        return y
 
 
 class CBAM(nn.Module):
@@ -162,9 +112,10 @@ class CBAM(nn.Module):
 
     Defaults are the tutorial's; `CBAM.preset('official' | 'timm', **overrides)` builds the
     other known variants (see `CBAM_PRESETS`). With `spatial_bn`, call it with `train=`.
+    The output has the input's dtype (`dtype` is the compute dtype of the gates).
     """
 
-    ratio: int = 16
+    ratio: float = 16
     kernel_size: int = 7
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
@@ -191,16 +142,19 @@ class CBAM(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):  # x: [B, H, W, C]
-        _check_nhwc(x, "CBAM")
-        x = ChannelAttention(self.ratio, self.dtype, self.param_dtype, self.pool_types,
-                             self.mlp_bias, self.hidden_features, self.min_hidden, self.rd_round,
-                             self.act, self.gate, name="channel_attn")(x)
+        ops.check_nhwc(x, "CBAM")
+        x = ChannelAttention(
+            ratio=self.ratio, dtype=self.dtype, param_dtype=self.param_dtype,
+            pool_types=self.pool_types, use_bias=self.mlp_bias,
+            hidden_features=self.hidden_features, min_hidden=self.min_hidden,
+            rd_round=self.rd_round, act=self.act, gate=self.gate, name="channel_attn")(x)
         if self.no_spatial:
             return x
-        return SpatialAttention(self.kernel_size, self.dtype, self.param_dtype,
-                                self.spatial_pool_order, use_bn=self.spatial_bn,
-                                bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-                                gate=self.gate, name="spatial_attn")(x, train)
+        return SpatialAttention(
+            kernel_size=self.kernel_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            pool_order=self.spatial_pool_order, use_bn=self.spatial_bn,
+            bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, gate=self.gate,
+            name="spatial_attn")(x, train)
 
 
 # What each known implementation differs in from the tutorial's defaults.
@@ -220,13 +174,11 @@ CBAM_PRESETS = {
 
 
 class BatchNorm(nn.Module):
-    """BatchNorm2d with PyTorch's semantics, on the last axis.
+    """BatchNorm2d with PyTorch's semantics on the last axis (`cbam_jax.ops.batch_norm`).
 
-    Training normalises with the biased batch variance but, as PyTorch does, updates
-    `var` with the unbiased one (n / (n - 1)); Flax's own BatchNorm uses the biased one, which
-    drifts the running statistics away from the tutorial's. `momentum` is PyTorch's:
-    running = (1 - momentum) * running + momentum * batch. Statistics are kept in float32.
-    Under `jit` with a batch sharded over devices, the means are global: one big batch.
+    `batch_stats` holds `mean`, `var` (unbiased running variance, as PyTorch) and
+    `num_batches_tracked`. Under `jit` with a batch sharded over devices, the means are
+    global: one big batch.
     """
 
     momentum: float = 0.1
@@ -243,19 +195,10 @@ class BatchNorm(nn.Module):
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         batches_tracked = self.variable("batch_stats", "num_batches_tracked",
                                         lambda: jnp.zeros((), jnp.int32))
-        dtype = self.dtype or x.dtype
-        if train:
-            n = x.size // features
-            if n < 2:  # the unbiased variance would divide by zero; PyTorch raises too
-                raise ValueError(f"BatchNorm in training needs more than 1 value per channel, "
-                                 f"got input of shape {x.shape}")
-            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)  # biased var
-            if not self.is_initializing():
-                unbiased = var * (n / (n - 1))
-                running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
-                running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
-                batches_tracked.value = batches_tracked.value + 1
-            return y.astype(dtype)
-        inv = jax.lax.rsqrt(running_var.value + self.epsilon) * scale.astype(jnp.float32)
-        shift = bias.astype(jnp.float32) - running_mean.value * inv
-        return (x.astype(jnp.float32) * inv + shift).astype(dtype)
+        y, updated = ops.batch_norm(x, scale, bias, (running_mean.value, running_var.value),
+                                    train=train, momentum=self.momentum, epsilon=self.epsilon,
+                                    dtype=self.dtype)
+        if updated is not None and not self.is_initializing():
+            running_mean.value, running_var.value = updated
+            batches_tracked.value = batches_tracked.value + 1
+        return y

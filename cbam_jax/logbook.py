@@ -1,87 +1,255 @@
-"""Where a run's measurements go: TensorBoard event files (tensorboardX) and PNG plots.
+"""Where a run's measurements go: TensorBoard event files, the progress line, PNG plots.
 
 Tags and cadence are the tutorial's (shared/SPEC.md, "Logging"), plus the test metrics, epoch
-time, throughput, attention maps and hyperparameters it left out. Plots use matplotlib's
-object API (no pyplot, so no interactive backend) and its default DejaVu font.
+time, throughput, attention maps and hyperparameters it left out. Steps follow the tutorial
+too: the per-batch tags and histograms are at the global batch step, the per-epoch tags (and
+the attention images) at the 0-based epoch.
+
+Nothing is lost on a kill: events are written synchronously (tensorboardX's summary builders and
+record writer, without its background queue) and flushed to disk (fsync) at every epoch
+boundary, before the checkpoint that commits the epoch. A resumed run first rewrites the event
+files to what that checkpoint committed (its epochs and their batches), dropping the
+half-written tail of the killed run, so every tag has exactly one record per step.
+Plots use matplotlib's object API (no pyplot, so no interactive backend).
 """
+import os
+import socket
+import struct
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from tensorboardX import SummaryWriter
+from tensorboardX import summary
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import RecordWriter, masked_crc32c
+from tqdm import tqdm
 
-from cbam_jax.models import named_leaves
+from cbam_jax.naming import named_leaves
+from cbam_jax.recipe import DEFAULT_RUN_DIR
 
-DEFAULT_RUN_DIR = "runs/CBAM_CNN_experiment"
+EPOCH_TAG_PREFIXES = ("Train/Epoch_", "Test/", "Attention/", "Train/Images_per_s",
+                      "Hyperparameters")  # stepped by epoch; every other tag by batch
+HISTOGRAM_BINS = 30  # tf.summary.histogram's default bucket count
+
+
+def _numbered_run_dirs(base: str):
+    """`base`, `base_1`, `base_2`, ...: the tutorial's names for successive runs."""
+    yield Path(base)
+    i = 1
+    while True:
+        yield Path(f"{base}_{i}")
+        i += 1
 
 
 def next_run_dir(base: str = DEFAULT_RUN_DIR) -> Path:
-    """`base` if it does not exist, else the first free `base_1`, `base_2`, ... (the tutorial's)."""
-    if not Path(base).exists():
-        return Path(base)
-    i = 1
-    while Path(f"{base}_{i}").exists():
-        i += 1
-    return Path(f"{base}_{i}")
+    """The first of `base`, `base_1`, `base_2`, ... that does not exist."""
+    return next(d for d in _numbered_run_dirs(base) if not d.exists())
 
 
 def latest_run_dir(base: str = DEFAULT_RUN_DIR) -> Path | None:
     """The most recent run directory `next_run_dir` handed out, or None."""
-    if not Path(base).exists():
-        return None
-    i = 1
-    while Path(f"{base}_{i}").exists():
-        i += 1
-    return Path(base) if i == 1 else Path(f"{base}_{i - 1}")
+    latest = None
+    for d in _numbered_run_dirs(base):
+        if not d.exists():
+            return latest
+        latest = d
+
+
+# --- TensorBoard event files -----------------------------------------------------------------
+
+def read_events(path) -> list[event_pb2.Event]:
+    """The events of one file (TFRecord framing: length, crc, data, crc), up to the first record
+    that a kill cut off or that fails its checksum."""
+    data, pos, events = Path(path).read_bytes(), 0, []
+    while pos + 12 <= len(data):
+        header = data[pos:pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        end = pos + 12 + length + 4
+        if (end > len(data) or struct.unpack("<I", data[pos + 8:pos + 12])[0]
+                != masked_crc32c(header)):
+            break
+        payload = data[pos + 12:end - 4]
+        if struct.unpack("<I", data[end - 4:end])[0] != masked_crc32c(payload):
+            break
+        event = event_pb2.Event()
+        event.ParseFromString(payload)
+        events.append(event)
+        pos = end
+    return events
+
+
+def event_files(run_dir) -> list[Path]:
+    return sorted(Path(run_dir).glob("events.out.tfevents.*"))
+
+
+def _is_epoch_tag(tag: str) -> bool:
+    return tag.startswith(EPOCH_TAG_PREFIXES)
 
 
 class Logbook:
-    """TensorBoard writer with one method per kind of record; steps are the tutorial's."""
+    """TensorBoard records of a run, one method per kind; written synchronously, durable at
+    each `epoch` (see the module docstring).
 
-    def __init__(self, run_dir, purge_step: int | None = None):
-        # purge_step: on resume, TensorBoard drops the killed run's events from this step on.
-        self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+    `resume_at=(epochs, batches)`: first rewrite the run's event files to the records of the
+    first `epochs` epochs (epoch tags) and `batches` batches (batch tags).
+    """
+
+    def __init__(self, run_dir, resume_at: tuple[int, int] | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        kept = self._committed_events(*resume_at) if resume_at else []
+        old = event_files(self.run_dir)
+        self.path = self.run_dir / (f"events.out.tfevents.{time.time():.6f}."
+                                    f"{socket.gethostname()}.{os.getpid()}")
+        self._records = RecordWriter(str(self.path))
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        for event in kept:
+            self._write(event)
+        self._records.flush()  # the kept records are on disk before the old files go
+        for path in old:
+            path.unlink()
+
+    def _committed_events(self, epochs: int, batches: int) -> list[event_pb2.Event]:
+        """Summary events below the resume point, once per (tag, step), in file order."""
+        kept, seen = [], set()
+        for path in event_files(self.run_dir):
+            for event in read_events(path):
+                values = [v for v in event.summary.value
+                          if event.step < (epochs if _is_epoch_tag(v.tag) else batches)
+                          and (v.tag, event.step) not in seen]
+                if values:
+                    seen.update((v.tag, event.step) for v in values)
+                    del event.summary.value[:]
+                    event.summary.value.extend(values)
+                    kept.append(event)
+        return kept
+
+    def _write(self, event: event_pb2.Event):
+        self._records.write(event.SerializeToString())
+
+    def _add(self, summary_proto, step: int):
+        self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_proto))
 
     def batch_scalars(self, global_step: int, loss: float, running_acc: float, lr: float):
-        self.writer.add_scalar("Train/Batch_Loss", loss, global_step)
-        self.writer.add_scalar("Train/Batch_Accuracy", running_acc, global_step)
-        self.writer.add_scalar("Train/Learning_Rate", lr, global_step)
+        self._add(summary.scalar("Train/Batch_Loss", loss), global_step)
+        self._add(summary.scalar("Train/Batch_Accuracy", running_acc), global_step)
+        self._add(summary.scalar("Train/Learning_Rate", lr), global_step)
 
     def histograms(self, global_step: int, params, grads):
         """Every parameter after the step and its gradient of that step, by PyTorch name."""
-        for name, value in named_leaves(params).items():
-            self.writer.add_histogram(f"weights/{name}", np.asarray(value, np.float32),
-                                      global_step)
-        for name, value in named_leaves(grads).items():
-            self.writer.add_histogram(f"grads/{name}", np.asarray(value, np.float32),
-                                      global_step)
+        for kind, tree in (("weights", params), ("grads", grads)):
+            for name, value in named_leaves(tree).items():
+                self._add(summary.histogram(f"{kind}/{name}", np.asarray(value, np.float32),
+                                            HISTOGRAM_BINS), global_step)
 
-    def epoch_scalars(self, epoch: int, train_loss, train_acc, test_loss, test_acc, seconds,
-                      images_per_s):
-        """Step = 0-based epoch, as the tutorial's Train/Epoch_* scalars."""
-        for tag, value in (("Train/Epoch_Loss", train_loss), ("Train/Epoch_Accuracy", train_acc),
-                           ("Test/Epoch_Loss", test_loss), ("Test/Epoch_Accuracy", test_acc),
-                           ("Train/Epoch_Time_s", seconds), ("Train/Images_per_s", images_per_s)):
-            self.writer.add_scalar(tag, value, epoch)
-
-    def attention(self, epoch: int, images, maps):
-        """images: uint8 [n, 32, 32, 3]; maps: one [n, h, w] gate in [0, 1] per CBAM block."""
-        self.writer.add_images("Attention/inputs", np.asarray(images, np.float32) / 255.0,
-                               epoch, dataformats="NHWC")
+    def epoch(self, result, images, maps):
+        """One finished epoch (cbam_jax.train.EpochResult) and its attention maps, made durable:
+        images uint8 [n, 32, 32, 3]; maps one [n, h, w] gate in [0, 1] per CBAM block."""
+        e = result.epoch
+        for tag, value in (("Train/Epoch_Loss", result.train_loss),
+                           ("Train/Epoch_Accuracy", result.train_acc),
+                           ("Test/Epoch_Loss", result.test_loss),
+                           ("Test/Epoch_Accuracy", result.test_acc),
+                           ("Train/Epoch_Time_s", result.epoch_time),
+                           ("Train/Images_per_s", result.images_per_s)):
+            self._add(summary.scalar(tag, value), e)
+        # As SummaryWriter.add_images: a batch [n, h, w, c] in [0, 1], laid out by tensorboardX.
+        self._add(summary.image("Attention/inputs", np.asarray(images, np.float32) / 255.0,
+                                dataformats="NHWC"), e)
         for i, m in enumerate(maps, start=1):
-            self.writer.add_images(f"Attention/cbam{i}", np.asarray(m, np.float32)[..., None],
-                                   epoch, dataformats="NHWC")
+            self._add(summary.image(f"Attention/cbam{i}", np.asarray(m, np.float32)[..., None],
+                                    dataformats="NHWC"), e)
+        self.flush()
 
     def hyperparameters(self, hparams: dict):
         rows = "\n".join(f"| {k} | {v} |" for k, v in hparams.items())
-        self.writer.add_text("Hyperparameters", "| name | value |\n|---|---|\n" + rows, 0)
+        self._add(summary.text("Hyperparameters", "| name | value |\n|---|---|\n" + rows), 0)
+        self.flush()
 
     def flush(self):
-        self.writer.flush()
+        """To disk (fsync): what was written survives a kill or a power cut."""
+        self._records.flush()
 
     def close(self):
-        self.writer.close()
+        self._records.flush()
+        self._records.close()
 
+
+# --- progress --------------------------------------------------------------------------------
+
+class _Lines:
+    """A stream for tqdm that writes each refresh as its own line (a log file, a job scheduler:
+    no carriage returns that pile up on one line)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str):
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+class EpochReporter:
+    """fit's observer of one epoch (cbam_jax.train.EpochObserver): TensorBoard's batch scalars
+    and histograms, and a tqdm progress line with the running loss, accuracy and images/s.
+
+    On a terminal the line redraws every second; elsewhere a new line is printed at least every
+    30 s and at every `log_every` batches, so a log never stays silent for long. The first
+    epoch of a process says that it is compiling before its first step.
+    """
+
+    def __init__(self, book, epoch: int, config, batch_sizes, lr: float, stream=None,
+                 compiling: bool = False):
+        self.book, self.lr, self.log_every = book, lr, config.log_every
+        self.batch_sizes = np.asarray(batch_sizes)  # images in each batch of the epoch
+        num_batches = len(self.batch_sizes)
+        stream = stream or sys.stdout
+        tty = getattr(stream, "isatty", lambda: False)()
+        self.read_every_s = 1.0 if tty else 30.0
+        # The first epoch of a process shows its bar at once, saying it is compiling; later
+        # ones show it at their first read (tqdm's `delay`), not as an empty line.
+        self.bar = tqdm(total=num_batches, desc=f"Epoch {epoch + 1}/{config.epochs}",
+                        file=stream if tty else _Lines(stream), ascii=".#", leave=False,
+                        bar_format="{desc} [{bar:20}] {n_fmt}/{total_fmt}{postfix}",
+                        postfix="compiling the train step..." if compiling else None,
+                        delay=0 if compiling else 1e-6, mininterval=0, dynamic_ncols=False)
+        self.start = self.last_read = time.monotonic()
+        self.logged_until = 0
+
+    def read_due(self) -> bool:
+        return time.monotonic() - self.last_read >= self.read_every_s
+
+    def batches(self, epoch: int, done: int, losses, correct):
+        self.last_read = time.monotonic()
+        seen = np.cumsum(self.batch_sizes[:done])  # images, and correct ones, up to each batch
+        hits = np.cumsum(correct)
+        if self.book is not None:  # the tutorial's running accuracy of the epoch
+            for b in range(self.logged_until, done):
+                if (b + 1) % self.log_every == 0:
+                    self.book.batch_scalars(epoch * len(self.batch_sizes) + b, float(losses[b]),
+                                            100.0 * hits[b] / seen[b], self.lr)
+        self.logged_until = done
+        rate = seen[-1] / max(time.monotonic() - self.start, 1e-9)
+        self.bar.set_postfix_str(
+            f"loss {float(np.mean(losses, dtype=np.float64)):.4f} | acc "
+            f"{100.0 * hits[-1] / seen[-1]:.2f}% | {rate:,.0f} img/s", refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def histograms(self, global_step: int, params, grads):
+        if self.book is not None:
+            self.book.histograms(global_step, params, grads)
+
+    def close(self):
+        self.bar.close()
+
+
+# --- figures ---------------------------------------------------------------------------------
 
 def plot_iter_losses(losses, path):
     """The tutorial's first figure: the training loss of every batch."""
@@ -133,3 +301,11 @@ def plot_attention(images, maps, class_names, labels, path):
     fig.suptitle("CBAM spatial attention (test images)")
     fig.tight_layout()
     fig.savefig(Path(path), dpi=100)
+
+
+def plot_run(run_dir, history, images, maps, class_names, labels):
+    """The run's three figures: iteration_loss.png, epoch_metrics.png, attention_maps.png."""
+    run_dir = Path(run_dir)
+    plot_iter_losses(history.iter_loss, run_dir / "iteration_loss.png")
+    plot_epoch_metrics(history, run_dir / "epoch_metrics.png")
+    plot_attention(images, maps, class_names, labels, run_dir / "attention_maps.png")

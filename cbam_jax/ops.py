@@ -1,13 +1,146 @@
-"""Small array ops whose JAX defaults are slow on XLA:CPU or differ from PyTorch's semantics.
+"""The layers' arithmetic, once: pure array functions shared by the Linen layers (layers.py)
+and the NNX ones (nnx.py), so that the two front ends cannot drift apart.
 
-Each op computes what its plain-JAX counterpart computes (up to float32 summation order); the
-hand-written gradients exist because autodiff of the plain versions takes XLA:CPU extra passes
-over the largest activations (docs/benchmarks.md has the profile).
+- checks of the input (NHWC, floating point, non-empty), of pool names and kernel sizes;
+- CBAM's pools, hidden-width rule and gating (`channel_attention`, `spatial_attention`);
+- BatchNorm with PyTorch's semantics (`batch_norm`: batch or running statistics, and the
+  running-statistics update);
+- `max_pool_2x2` and `batch_norm_train`, whose hand-written gradients exist because autodiff of
+  the plain versions takes XLA:CPU extra passes over the largest activations
+  (docs/benchmarks.md has the profile). Each computes what its plain-JAX counterpart computes,
+  up to float32 summation order.
 """
+from typing import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+
+# --- input checks ----------------------------------------------------------------------------
+
+def check_nhwc(x, module: str) -> None:
+    """Raise a ValueError naming the expected input unless x is a non-empty floating NHWC batch.
+
+    Integer input is refused rather than computed: a gate in (0, 1) cast back to an integer
+    dtype is 0, so `CBAM` would silently return zeros for uint8 images. Cast first, e.g.
+    `x.astype(jnp.float32) / 255`.
+    """
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise ValueError(f"{module} expects NHWC input [batch, height, width, channels], got "
+                         f"shape {shape} (rank {None if shape is None else len(shape)})")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{module} expects floating-point input [batch, height, width, "
+                         f"channels], got {x.dtype}: cast it first, e.g. "
+                         f"x.astype(jnp.float32) / 255 for uint8 images")
+    if 0 in shape[1:]:
+        raise ValueError(f"{module} expects height, width and channels >= 1 in its NHWC input "
+                         f"[batch, height, width, channels], got shape {tuple(shape)}")
+
+
+def check_names(names, allowed: dict, field: str) -> None:
+    if isinstance(names, str) or not names or any(n not in allowed for n in names):
+        raise ValueError(f"{field} must be a non-empty sequence of {sorted(allowed)}, got {names!r}")
+
+
+def check_kernel_size(k: int, module: str) -> None:
+    if k < 1 or k % 2 == 0:
+        # PyTorch's padding=k//2 with an even k makes the gate one pixel larger than x.
+        raise ValueError(f"{module}.kernel_size must be odd and >= 1, got {k}")
+
+
+# --- CBAM ------------------------------------------------------------------------------------
+
+# Global pools over H, W for the channel gate: x [B, H, W, C] -> [B, C].
+CHANNEL_POOLS = {
+    "avg": lambda x: x.mean(axis=(1, 2)),
+    "max": lambda x: x.max(axis=(1, 2)),
+    # The official code's F.lp_pool2d(x, 2, (H, W)): sqrt of the sum (not the mean) of squares.
+    "lp": lambda x: jnp.sqrt(jnp.square(x).sum(axis=(1, 2))),
+    "lse": lambda x: jax.nn.logsumexp(x, axis=(1, 2)),
+}
+# Channel-wise pools for the spatial gate: x [B, H, W, C] -> [B, H, W].
+SPATIAL_POOLS = {"avg": lambda x: x.mean(axis=-1), "max": lambda x: x.max(axis=-1)}
+
+
+def reduced_width(channels: int, ratio: float = 16, hidden_features: int | None = None,
+                  min_hidden: int = 1, rd_round: str = "floor") -> int:
+    """Channel-MLP hidden width: `hidden_features`, else C // ratio ('floor') or round(C / ratio) ('nearest', timm)."""
+    if hidden_features is not None:
+        width = hidden_features
+    elif ratio <= 0:
+        raise ValueError(f"ChannelAttention.ratio must be > 0, got {ratio}")
+    elif rd_round == "floor":  # the tutorial's and the official `C // ratio`
+        width = int(channels // ratio)
+    elif rd_round == "nearest":  # timm's make_divisible(C / ratio, 1, round_limit=0.)
+        width = int(channels / ratio + 0.5)
+    else:
+        raise ValueError(f"rd_round must be 'floor' or 'nearest', got {rd_round!r}")
+    return max(min_hidden, width)
+
+
+def gate_input(x, attention):
+    """x * attention, in x's dtype: the output follows the input's dtype (a bfloat16 module on
+    float32 input computes its gate in bfloat16 and returns float32)."""
+    return x * attention.astype(x.dtype)
+
+
+def channel_attention(x, mlp: Callable, pool_types: Sequence[str], gate: Callable):
+    """x [B, H, W, C] times gate(sum over pools p of mlp(p(x))), one gate per (batch, channel).
+
+    `mlp` maps the stacked descriptors [P, B, C] -> [P, B, C] (one call for all pools); the
+    sum runs in pool order, as the official loop adds them.
+    """
+    pooled = jnp.stack([CHANNEL_POOLS[p](x) for p in pool_types])  # [P, B, C]
+    logits = mlp(pooled)
+    summed = logits[0]
+    for more in logits[1:]:
+        summed = summed + more
+    return gate_input(x, gate(summed)[:, None, None, :])
+
+
+def spatial_attention(x, conv: Callable, pool_order: Sequence[str], gate: Callable):
+    """(x times gate(conv(channel pools of x)), the gate [B, H, W, 1]).
+
+    `conv` maps the stacked maps [B, H, W, P] -> logits [B, H, W, 1] (a BatchNorm after it,
+    where a preset has one, belongs to `conv`).
+    """
+    maps = jnp.stack([SPATIAL_POOLS[p](x) for p in pool_order], axis=-1)  # [B, H, W, P]
+    attention = gate(conv(maps))
+    return gate_input(x, attention), attention
+
+
+# --- BatchNorm with PyTorch's semantics ------------------------------------------------------
+
+def batch_norm(x, scale, bias, running, *, train: bool, momentum: float, epsilon: float,
+               dtype=None):
+    """BatchNorm2d over the last axis with running = (mean, var): (y, updated running or None).
+
+    Training normalises with the biased batch variance but, as PyTorch does, updates the running
+    variance with the unbiased one (n / (n - 1)); Flax's own BatchNorm uses the biased one, which
+    drifts the running statistics away from the tutorial's. `momentum` is PyTorch's:
+    running = (1 - momentum) * running + momentum * batch. Statistics are float32; y is `dtype`
+    (default: x's). Eval mode applies the running statistics as one affine map.
+    """
+    dtype = dtype or x.dtype
+    running_mean, running_var = running
+    if not train:
+        inv = lax.rsqrt(running_var + epsilon) * scale.astype(jnp.float32)
+        shift = bias.astype(jnp.float32) - running_mean * inv
+        return (x.astype(jnp.float32) * inv + shift).astype(dtype), None
+    n = x.size // x.shape[-1]
+    if n < 2:  # the unbiased variance would divide by zero; PyTorch raises too
+        raise ValueError(f"BatchNorm in training needs more than 1 value per channel, "
+                         f"got input of shape {x.shape}")
+    y, mean, var = batch_norm_train(x, scale, bias, epsilon)  # biased var
+    unbiased = var * (n / (n - 1))
+    new_mean = (1 - momentum) * running_mean + momentum * mean
+    new_var = (1 - momentum) * running_var + momentum * unbiased
+    return y.astype(dtype), (new_mean, new_var)
+
+
+# --- custom-gradient kernels -----------------------------------------------------------------
 
 @jax.custom_vjp
 def max_pool_2x2(x):

@@ -1,10 +1,12 @@
-"""Training engine: train state, train_step / eval_step as pure functions, the epoch loop.
+"""Training engine: the train state, `train_step(state, images, labels)` and `eval_step` as pure
+functions, the epoch loop, and `fit`, the tutorial's whole run.
 
-The whole training set lives on the device as uint8. Each epoch's permutation is drawn on the
-device; a jit-compiled call gathers its batch by index, augments it and takes the Adam step, and
-writes the batch's loss and correct count into an on-device accumulator. The host dispatches calls
-asynchronously and reads the accumulator only every `log_every` batches and at the end of the
-epoch, so no per-step round trip stalls the device.
+The whole data set lives on the device as uint8 (`cbam_jax.loader.DeviceData`). Each epoch's
+permutation is drawn on the device; a jit-compiled call gathers its batch by index, augments it
+and takes the Adam step, and writes the batch's loss and correct count into an on-device
+record of the epoch. The host dispatches calls asynchronously and reads that record only every
+`log_every` batches, every few seconds for the progress line, and at the end of the epoch, so
+no per-step round trip stalls the device.
 
 On XLA:CPU one call per step is the fast path (a rolled loop over steps makes the backward convs
 fall off the fast kernels, jax-ml/jax#12868); on GPU/TPU, where dispatch overhead dominates,
@@ -12,27 +14,30 @@ fall off the fast kernels, jax-ml/jax#12868); on GPU/TPU, where dispatch overhea
 """
 import dataclasses
 import functools
+import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.training import train_state
 
 from cbam_jax import distributed
 from cbam_jax.augment import augment, normalize
-from cbam_jax.models import INPUT_SHAPE
-from cbam_jax.resnet import MODEL_NAMES, create_model
+from cbam_jax.data import IMAGE_SHAPE
+from cbam_jax.loader import DeviceData, place_data
+from cbam_jax.recipe import RESUME_KEYS, TrainConfig
+from cbam_jax.registry import create_model
 from cbam_jax.schedule import PlateauState, tutorial_plateau
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the names of recipe.DTYPES
+DEVICE_STEPS_PER_CALL = 50
 # Independent PRNG streams folded from the run's key: per-step (augmentation, dropout) keys
 # are folded with the global step, shuffles with the epoch, so the two never collide.
 _STEP_STREAM, _SHUFFLE_STREAM = 0, 1
@@ -48,71 +53,38 @@ def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
                                                 eps=1e-8)
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """The tutorial's recipe by default; the cadences are the tutorial's TensorBoard ones."""
-
-    epochs: int = 50
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    seed: int = 0
-    dtype: str = "float32"  # compute dtype; params, optimizer, loss and BN stats stay float32
-    model: str = "cbam_cnn"  # one of cbam_jax.resnet.MODEL_NAMES
-    steps_per_call: int | None = None  # None: 1 on CPU, DEVICE_STEPS_PER_CALL on GPU/TPU
-    log_every: int = 100  # batches between Train/Batch_* scalars (and host reads)
-    hist_every: int = 500  # batches between weights/ and grads/ histograms
-    num_attention_images: int = 8
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "log_every", "hist_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps_per_call is not None and self.steps_per_call < 1:
-            raise ValueError(f"steps_per_call must be >= 1, got {self.steps_per_call}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a positive finite number, got "
-                             f"{self.learning_rate}")
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"model must be one of {MODEL_NAMES}, got {self.model!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-
-
-DEVICE_STEPS_PER_CALL = 50
-
-
 def default_steps_per_call() -> int:
     return 1 if jax.default_backend() == "cpu" else DEVICE_STEPS_PER_CALL
 
 
 @functools.lru_cache(maxsize=None)
 def build(dtype: str = "float32", model: str = "cbam_cnn",
-          num_classes: int = 10) -> tuple[nn.Module, optax.GradientTransformation]:
+          num_classes: int = 10) -> tuple[Any, optax.GradientTransformation]:
     """The model and optimizer for a compute dtype, built once per process.
 
-    The compiled steps are cached per (model, optimizer) object; building them once lets
-    repeated runs in one process (tests, notebooks) reuse the compiled code. The optimizer's
-    initial learning rate is irrelevant: the state carries the one in use.
+    Both ride on the train state as static fields, so they are part of the compiled steps'
+    cache key: building them once lets repeated runs in one process (tests, notebooks) reuse
+    the compiled code. The optimizer's initial learning rate is irrelevant: the state carries
+    the one in use.
     """
     return create_model(model, num_classes, DTYPES[dtype]), make_optimizer(1e-3)
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # int32 []: batches trained so far (the tutorial's global_step)
-    params: Any
+class TrainState(train_state.TrainState):
+    """Flax's train state (step, apply_fn, params, tx, opt_state) plus BatchNorm's running
+    statistics and the run's PRNG key; per-step and per-epoch keys are folded from it."""
+
     batch_stats: Any
-    opt_state: Any
-    rng: jax.Array  # the run's key; per-step and per-epoch keys are folded from it
+    rng: jax.Array
 
 
 def create_train_state(model, tx, rng: jax.Array, learning_rate: float) -> TrainState:
     """Initial state. `init` runs eagerly so `params` keeps the modules' call order (reports)."""
     init_rng, train_rng = jax.random.split(rng)
-    variables = model.init(init_rng, jnp.zeros((1, *INPUT_SHAPE), jnp.float32), train=False)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables["batch_stats"],
-                       opt_state=tx.init(variables["params"]), rng=train_rng)
+    variables = model.init(init_rng, jnp.zeros((1, *IMAGE_SHAPE), jnp.float32), train=False)
+    state = TrainState(step=jnp.zeros((), jnp.int32), apply_fn=model.apply,
+                       params=variables["params"], tx=tx, opt_state=tx.init(variables["params"]),
+                       batch_stats=variables["batch_stats"], rng=train_rng)
     return set_learning_rate(state, learning_rate)
 
 
@@ -133,50 +105,45 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def adam_step(model, tx, state: TrainState, x, labels, dropout_key):
+def adam_step(state: TrainState, x, labels, dropout_key):
     """Forward in train mode on a normalised batch x, cross-entropy, one Adam update.
 
     Returns (state, loss, logits, grads); `train_step` adds the augmentation and the metrics.
     """
     def loss_fn(params):
-        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                                      train=True, rngs={"dropout": dropout_key},
-                                      mutable=["batch_stats"])
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+            rngs={"dropout": dropout_key}, mutable=["batch_stats"])
         return cross_entropy(logits, labels), (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          batch_stats=batch_stats, opt_state=opt_state)
-    return state, loss, logits, grads
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss, logits, grads
 
 
-def train_step(model, tx, state: TrainState, images, labels, with_grads: bool = False):
+def train_step(state: TrainState, images, labels):
     """One Adam step on a uint8 batch: augment, forward in train mode, cross-entropy, update.
 
-    images: uint8 [B, 32, 32, 3]; labels: int32 [B]. Returns (state, metrics) with the batch's
-    mean loss and number of correct predictions (and the gradients when `with_grads`).
+    images: uint8 [B, 32, 32, 3]; labels: int32 [B]. Returns (state, metrics): the batch's mean
+    loss, its number of correct predictions, and the gradients.
     """
     key = jax.random.fold_in(jax.random.fold_in(state.rng, _STEP_STREAM), state.step)
     augment_key, dropout_key = jax.random.split(key)
-    state, loss, logits, grads = adam_step(model, tx, state, augment(augment_key, images),
-                                           labels, dropout_key)
-    metrics = {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
-    if with_grads:
-        metrics["grads"] = grads
-    return state, metrics
+    state, loss, logits, grads = adam_step(state, augment(augment_key, images), labels,
+                                           dropout_key)
+    return state, {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+                   "grads": grads}
 
 
-def eval_step(model, state: TrainState, images, labels, mask):
+def eval_step(state: TrainState, images, labels, mask):
     """Eval-mode metrics of a uint8 batch whose padding rows have mask False.
 
     Returns the mean loss over the real rows (the tutorial averages per-batch means) and their
     number of correct predictions. Eval mode uses running statistics, so padding cannot leak
     into the real rows.
     """
-    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                         normalize(images), train=False)
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                            normalize(images), train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     count = jnp.maximum(mask.sum(), 1)
     return {"loss": jnp.where(mask, losses, 0.0).sum() / count,
@@ -185,59 +152,73 @@ def eval_step(model, state: TrainState, images, labels, mask):
 
 # --- on-device epoch iteration ---------------------------------------------------------------
 
-def _new_accumulator(num_batches: int):
-    """Per-batch loss and correct count of one epoch, plus the first step with a bad loss."""
-    return {"loss": jnp.zeros((num_batches,), jnp.float32),
-            "correct": jnp.zeros((num_batches,), jnp.int32),
-            "first_nonfinite_step": jnp.full((), -1, jnp.int32)}
+@flax.struct.dataclass
+class EpochRecord:
+    """What one epoch leaves on the device: its shuffle, every batch's loss and correct count,
+    and the first step whose loss was not finite (-1: none)."""
+
+    perm: jax.Array                  # int32 [N]
+    loss: jax.Array                  # float32 [num_batches]
+    correct: jax.Array               # int32 [num_batches]
+    first_nonfinite_step: jax.Array  # int32 []
+
+    def record(self, batch, step, metrics) -> "EpochRecord":
+        first = self.first_nonfinite_step
+        bad = ~jnp.isfinite(metrics["loss"])
+        return self.replace(
+            loss=self.loss.at[batch].set(metrics["loss"]),
+            correct=self.correct.at[batch].set(metrics["correct"].astype(jnp.int32)),
+            first_nonfinite_step=jnp.where((first < 0) & bad, step, first))
 
 
-def _record(accum, batch, step, metrics):
-    first = accum["first_nonfinite_step"]
-    bad = ~jnp.isfinite(metrics["loss"])
-    return {"loss": accum["loss"].at[batch].set(metrics["loss"]),
-            "correct": accum["correct"].at[batch].set(metrics["correct"].astype(jnp.int32)),
-            "first_nonfinite_step": jnp.where((first < 0) & bad, step, first)}
-
-
-@functools.partial(jax.jit, static_argnames=("n",))
-def epoch_permutation(rng, epoch, n: int):
-    """The epoch's shuffle, drawn on the device from the run's key."""
+@functools.partial(jax.jit, static_argnames=("n", "num_batches"))
+def new_epoch_record(rng, epoch, n: int, num_batches: int) -> EpochRecord:
+    """The epoch's shuffle, drawn on the device from the run's key, and an empty record."""
     key = jax.random.fold_in(jax.random.fold_in(rng, _SHUFFLE_STREAM), epoch)
-    return jax.random.permutation(key, n)
+    return EpochRecord(perm=jax.random.permutation(key, n),
+                       loss=jnp.zeros((num_batches,), jnp.float32),
+                       correct=jnp.zeros((num_batches,), jnp.int32),
+                       first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
-@functools.partial(jax.jit, donate_argnames=("state", "accum"),
-                   static_argnames=("model", "tx", "batch_size", "size", "looped", "with_grads",
-                                    "data_sharding"))
-def train_batches(state, accum, images, labels, perm, first_batch, num_batches, *, model, tx,
-                  batch_size: int, size: int, looped: bool, with_grads: bool = False,
-                  data_sharding=None):
+class CallShape(NamedTuple):
+    """What a compiled train call is specialised to; each distinct value compiles once."""
+    size: int          # images per batch (the epoch's final partial batch has its own)
+    looped: bool       # a rolled fori_loop over the call's batches (else exactly one)
+    with_grads: bool   # return the (last) step's gradients, for the histograms
+
+
+class Call(NamedTuple):
+    first: int         # the call's first batch in the epoch
+    count: int         # how many batches it trains
+    shape: CallShape
+
+
+@functools.partial(jax.jit, donate_argnames=("state", "record"), static_argnames=("shape",))
+def train_batches(state: TrainState, record: EpochRecord, data: DeviceData, first_batch,
+                  num_batches, *, shape: CallShape):
     """Train on batches [first_batch, first_batch + num_batches) of the epoch's permutation.
 
-    images: uint8 [N, 32, 32, 3] and labels [N] of the whole training set (on device);
-    batch i is perm[i * batch_size : i * batch_size + size]. `looped` runs a rolled loop over
-    `num_batches` (one compile for any count); otherwise exactly one step (`num_batches` == 1).
-    `data_sharding` (cbam_jax.distributed.batch_sharding) splits each batch over a mesh.
+    Returns (state, record, gradients of the step or None). `shape.looped` runs a rolled loop
+    over `num_batches` (one compile for any count); otherwise exactly one step.
     """
-    shard = functools.partial(distributed.shard_batch, sharding=data_sharding)
-
     def one(batch, carry):
-        state, accum = carry
-        idx = jax.lax.dynamic_slice_in_dim(perm, batch * batch_size, size)
-        new_state, metrics = train_step(model, tx, state, shard(images[idx]), shard(labels[idx]),
-                                        with_grads)
-        return new_state, _record(accum, batch, state.step, metrics), metrics.get("grads")
+        state, record = carry
+        images, labels = data.train_batch(record.perm, batch, shape.size)
+        new_state, metrics = train_step(state, images, labels)
+        return (new_state, record.record(batch, state.step, metrics)), metrics["grads"]
 
-    if looped:
-        state, accum = jax.lax.fori_loop(first_batch, first_batch + num_batches,
-                                         lambda b, c: one(b, c)[:2], (state, accum))
-        return state, accum, None
-    return one(first_batch, (state, accum))
+    if shape.looped:
+        carry = jax.lax.fori_loop(first_batch, first_batch + num_batches,
+                                  lambda b, c: one(b, c)[0], (state, record))
+        return *carry, None
+    (state, record), grads = one(first_batch, (state, record))
+    return state, record, grads if shape.with_grads else None
 
 
-def epoch_plan(num_train: int, batch_size: int, steps_per_call: int, hist_every: int):
-    """The calls of one epoch: (first_batch, num_batches, batch size, with_grads) tuples.
+def epoch_plan(num_train: int, batch_size: int, steps_per_call: int,
+               hist_every: int) -> list[Call]:
+    """The calls of one epoch.
 
     Full batches run `steps_per_call` at a time; a histogram batch runs alone in the variant
     that returns gradients. The final partial batch (50,000 = 781 * 64 + 16 in the tutorial,
@@ -248,43 +229,46 @@ def epoch_plan(num_train: int, batch_size: int, steps_per_call: int, hist_every:
     calls, batch = [], 0
     while batch < full:
         if (batch + 1) % hist_every == 0:
-            calls.append((batch, 1, batch_size, True))
+            calls.append(Call(batch, 1, CallShape(batch_size, False, True)))
             batch += 1
             continue
         next_hist = (batch // hist_every + 1) * hist_every - 1
         count = min(steps_per_call, next_hist - batch, full - batch)
-        calls.append((batch, count, batch_size, False))
+        calls.append(Call(batch, count, CallShape(batch_size, count > 1, False)))
         batch += count
     if rest:
-        calls.append((full, 1, rest, (full + 1) % hist_every == 0))
+        calls.append(Call(full, 1, CallShape(rest, False, (full + 1) % hist_every == 0)))
     return calls
 
 
-@functools.partial(jax.jit, donate_argnames=("accum",),
-                   static_argnames=("model", "batch_size", "looped", "data_sharding"))
-def eval_batches(state, accum, images, labels, mask, first_batch, num_batches, *, model,
-                 batch_size: int, looped: bool, data_sharding=None):
-    """Evaluate batches of the padded test set: images uint8 [M, 32, 32, 3], M % batch_size == 0."""
+@functools.partial(jax.jit, donate_argnames=("sums",), static_argnames=("looped",))
+def eval_batches(state: TrainState, sums, data: DeviceData, first_batch, num_batches, *,
+                 looped: bool):
+    """Evaluate test batches [first_batch, first_batch + num_batches) into `sums`
+    ({'loss', 'correct'}: one entry per batch)."""
 
-    def one(batch, accum):
-        sl = lambda a: distributed.shard_batch(
-            jax.lax.dynamic_slice_in_dim(a, batch * batch_size, batch_size), data_sharding)
-        metrics = eval_step(model, state, sl(images), sl(labels), sl(mask))
-        return {"loss": accum["loss"].at[batch].set(metrics["loss"]),
-                "correct": accum["correct"].at[batch].set(metrics["correct"].astype(jnp.int32))}
+    def one(batch, sums):
+        metrics = eval_step(state, *data.test_batch(batch))
+        return {"loss": sums["loss"].at[batch].set(metrics["loss"]),
+                "correct": sums["correct"].at[batch].set(metrics["correct"].astype(jnp.int32))}
 
     if looped:
-        return jax.lax.fori_loop(first_batch, first_batch + num_batches, one, accum)
-    return one(first_batch, accum)
+        return jax.lax.fori_loop(first_batch, first_batch + num_batches, one, sums)
+    return one(first_batch, sums)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def attention_maps(model, state: TrainState, images):
-    """Each CBAM block's spatial gate, eval mode: CBAMCNN's [n, 16, 16], [n, 8, 8], [n, 4, 4]."""
-    _, inter = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                           normalize(images), train=False, mutable=["intermediates"])
-    return [gate[..., 0] for path, gate in jax.tree_util.tree_leaves_with_path(inter)
-            if any(getattr(k, "key", None) == "spatial_attention" for k in path)]
+def evaluate(state: TrainState, data: DeviceData, looped: bool = False) -> tuple[float, float]:
+    """(mean of per-batch mean losses, accuracy %) over exactly the real test images."""
+    n = data.num_test_batches
+    sums = {"loss": jnp.zeros((n,), jnp.float32), "correct": jnp.zeros((n,), jnp.int32)}
+    if data.batch_sharding is not None:  # where the step returns it, so that no call recompiles
+        sums = distributed.put_replicated(sums, data.batch_sharding.mesh)
+    for first, count in ([(0, n)] if looped else [(b, 1) for b in range(n)]):
+        sums = eval_batches(state, sums, data, np.int32(first), np.int32(count), looped=looped)
+    losses, correct = jax.device_get((sums["loss"], sums["correct"]))
+    # Like the tutorial: the sum of per-batch means over the number of batches, in float64.
+    test_loss = float(np.sum(losses.astype(np.float64)) / n)
+    return test_loss, 100.0 * float(correct.sum()) / data.num_test
 
 
 class NonFiniteLossError(RuntimeError):
@@ -294,6 +278,68 @@ class NonFiniteLossError(RuntimeError):
 class ResumeMismatchError(ValueError):
     """A resumed run was given settings that would make it differ from the interrupted one."""
 
+
+class EpochObserver:
+    """What the epoch loop reports to: override what you need (fit's is logbook.EpochReporter).
+
+    `read_due()` asks for an extra read of the on-device record (e.g. every few seconds for a
+    progress line); every read calls `batches` with all batches done so far.
+    """
+
+    def read_due(self) -> bool:
+        return False
+
+    def batches(self, epoch: int, done: int, losses: np.ndarray, correct: np.ndarray) -> None:
+        pass
+
+    def histograms(self, global_step: int, params, grads) -> None:
+        pass
+
+
+def train_epoch(state: TrainState, data: DeviceData, epoch: int, config: TrainConfig,
+                observer: EpochObserver = EpochObserver()):
+    """Train one epoch; returns (state, per-batch losses [float32], per-batch correct counts).
+
+    Reads the on-device record every `config.log_every` batches, whenever `observer.read_due()`,
+    and at the end; each read checks for a non-finite loss (NonFiniteLossError names the step).
+    """
+    num_batches = data.num_train_batches
+    steps_per_call = config.steps_per_call or default_steps_per_call()
+    record = new_epoch_record(state.rng, np.int32(epoch), data.num_train, num_batches)
+    if data.batch_sharding is not None:  # where the step returns it, so that no call recompiles
+        record = distributed.put_replicated(record, data.batch_sharding.mesh)
+    read_until = 0
+    for call in epoch_plan(data.num_train, data.batch_size, steps_per_call, config.hist_every):
+        state, record, grads = train_batches(state, record, data, np.int32(call.first),
+                                             np.int32(call.count), shape=call.shape)
+        if grads is not None:
+            observer.histograms(epoch * num_batches + call.first, state.params, grads)
+        done = call.first + call.count
+        if (done == num_batches or done // config.log_every > read_until // config.log_every
+                or observer.read_due()):
+            losses, correct, first_bad = jax.device_get(
+                (record.loss, record.correct, record.first_nonfinite_step))
+            if first_bad >= 0:
+                bad_epoch, bad_batch = divmod(int(first_bad), num_batches)
+                raise NonFiniteLossError(
+                    f"training loss is {losses[bad_batch]} at step {first_bad} (epoch "
+                    f"{bad_epoch + 1}, batch {bad_batch + 1} of {num_batches}): stopping.")
+            observer.batches(epoch, done, losses[:done], correct[:done])
+            read_until = done
+    return state, losses, correct
+
+
+@jax.jit
+def attention_maps(state: TrainState, images):
+    """Each CBAM block's spatial gate in eval mode, for uint8 images [n, 32, 32, 3]:
+    CBAMCNN's [n, 16, 16], [n, 8, 8], [n, 4, 4], found by name for any model."""
+    _, inter = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                              normalize(images), train=False, mutable=["intermediates"])
+    return [gate[..., 0] for path, gate in jax.tree_util.tree_leaves_with_path(inter)
+            if any(getattr(k, "key", None) == "spatial_attention" for k in path)]
+
+
+# --- the run ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class History:
@@ -308,6 +354,26 @@ class History:
     images_per_s: list = dataclasses.field(default_factory=list)
     iter_loss: list = dataclasses.field(default_factory=list)
 
+    def record(self, epoch: "EpochResult") -> None:
+        """Append one finished epoch."""
+        for name in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time",
+                     "images_per_s"):
+            getattr(self, name).append(getattr(epoch, name))
+        self.iter_loss.extend(float(x) for x in epoch.batch_losses)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochResult:
+    epoch: int  # 0-based
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    lr: float
+    epoch_time: float
+    images_per_s: float
+    batch_losses: np.ndarray
+
 
 @dataclasses.dataclass
 class FitResult:
@@ -321,261 +387,154 @@ class FitResult:
         return self.history.test_acc[-1]
 
 
-class _Progress:
-    """A one-line progress bar with images/s (carriage return on a terminal, lines otherwise)."""
-
-    def __init__(self, epoch, epochs, num_batches, stream=None):
-        self.epoch, self.epochs, self.num_batches = epoch, epochs, num_batches
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.start = time.perf_counter()
-
-    def update(self, batches, images, loss, acc):
-        rate = images / max(time.perf_counter() - self.start, 1e-9)
-        filled = int(20 * batches / self.num_batches)
-        line = (f"Epoch {self.epoch}/{self.epochs} [{'#' * filled}{'.' * (20 - filled)}] "
-                f"{batches}/{self.num_batches} | loss {loss:.4f} | acc {acc:.2f}% | "
-                f"{rate:,.0f} img/s")
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self):
-        if self.tty:
-            self.stream.write("\r" + " " * 100 + "\r")
-            self.stream.flush()
-
-
-def _pad_test_set(images, labels, batch_size):
-    """Pad the test set to whole batches; the mask marks the real images."""
-    n = len(labels)
-    padded = -(-n // batch_size) * batch_size
-    pad = padded - n
-    mask = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])
-    images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-    labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-    return jax.device_put(images), jax.device_put(labels.astype(np.int32)), jax.device_put(mask)
-
-
-def evaluate(model, state, test_images, test_labels, test_mask, batch_size, looped,
-             data_sharding=None):
-    """(mean of per-batch mean losses, accuracy %) over exactly the real test images."""
-    num_batches = len(test_mask) // batch_size
-    accum = {"loss": jnp.zeros((num_batches,), jnp.float32),
-             "correct": jnp.zeros((num_batches,), jnp.int32)}
-    if data_sharding is not None:  # where the step returns it, so that no call recompiles
-        accum = distributed.put_replicated(accum, data_sharding.mesh)
-    kwargs = dict(model=model, batch_size=batch_size, looped=looped, data_sharding=data_sharding)
-    if looped:
-        accum = eval_batches(state, accum, test_images, test_labels, test_mask, np.int32(0),
-                             np.int32(num_batches), **kwargs)
-    else:
-        for batch in range(num_batches):
-            accum = eval_batches(state, accum, test_images, test_labels, test_mask,
-                                 np.int32(batch), np.int32(1), **kwargs)
-    losses, correct = jax.device_get((accum["loss"], accum["correct"]))
-    # Like the tutorial: the sum of per-batch means over the number of batches, in float64.
-    test_loss = float(np.sum(losses.astype(np.float64)) / num_batches)
-    return test_loss, 100.0 * float(correct.sum()) / float(test_mask.sum())
-
-
-def _check_finite(first_nonfinite_step, loss_at, num_batches, checkpoint_note):
-    if first_nonfinite_step >= 0:
-        epoch, batch = divmod(int(first_nonfinite_step), num_batches)
-        raise NonFiniteLossError(
-            f"training loss is {loss_at} at step {first_nonfinite_step} (epoch {epoch + 1}, "
-            f"batch {batch + 1} of {num_batches}): stopping. {checkpoint_note}")
-
-
-def train_epoch(model, tx, state, train_images, train_labels, epoch: int, config: TrainConfig,
-                steps_per_call: int, book=None, progress: _Progress | None = None,
-                checkpoint_note: str = "", data_sharding=None):
-    """Train one epoch; returns (state, per-batch losses [float32], per-batch correct counts).
-
-    Reads the on-device accumulator every `config.log_every` batches (TensorBoard scalars,
-    progress, the non-finite check) and at the end.
-    """
-    n = len(train_labels)
-    batch_size = config.batch_size
-    num_batches = -(-n // batch_size)
-    sizes = np.minimum(batch_size, n - batch_size * np.arange(num_batches))
-    perm = epoch_permutation(state.rng, np.int32(epoch), n)
-    accum = _new_accumulator(num_batches)
-    if data_sharding is not None:  # where the step returns it, so that no call recompiles
-        accum = distributed.put_replicated(accum, data_sharding.mesh)
-    lr = learning_rate(state)
-    logged_until = 0  # batches whose log boundary has been handled
-
-    def read(done):
-        losses, correct, first_bad = jax.device_get(
-            (accum["loss"], accum["correct"], accum["first_nonfinite_step"]))
-        if first_bad >= 0:
-            _check_finite(first_bad, losses[first_bad % num_batches], num_batches,
-                          checkpoint_note)
-        seen = np.cumsum(sizes[:done])
-        hits = np.cumsum(correct[:done])
-        for b in range(logged_until, done):
-            if (b + 1) % config.log_every == 0 and book is not None:
-                book.batch_scalars(epoch * num_batches + b, float(losses[b]),
-                                   100.0 * hits[b] / seen[b], lr)
-        if progress is not None and done:
-            progress.update(done, int(seen[-1]), float(np.mean(losses[:done], dtype=np.float64)),
-                            100.0 * hits[-1] / seen[-1])
-        return losses, correct
-
-    for first, count, size, with_grads in epoch_plan(n, batch_size, steps_per_call,
-                                                      config.hist_every):
-        state, accum, grads = train_batches(
-            state, accum, train_images, train_labels, perm, np.int32(first), np.int32(count),
-            model=model, tx=tx, batch_size=batch_size, size=size, looped=count > 1,
-            with_grads=with_grads, data_sharding=data_sharding)
-        done = first + count
-        if with_grads and book is not None:
-            book.histograms(epoch * num_batches + first, state.params, grads)
-        if done == num_batches or done // config.log_every > logged_until // config.log_every:
-            losses, correct = read(done)
-            logged_until = done
-    return state, losses, correct
-
-
-def _meta(config, dataset_name, epoch, plateau, history, best_test_acc):
-    return {"epoch": epoch, "dataset": dataset_name, "config": dataclasses.asdict(config),
-            "plateau": plateau._asdict(), "history": dataclasses.asdict(history),
-            "best_test_acc": best_test_acc}
-
-
-# Settings whose change would make a resumed run differ from an uninterrupted one.
-_RESUME_KEYS = ("batch_size", "learning_rate", "seed", "dtype", "model")
+RUN_RECORD = "run.json"  # the run's settings, written when it starts: what --resume checks
 
 
 def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: bool = False,
-        stop_after_epoch: int | None = None, log: Callable[[str], None] = print,
-        progress_stream=None, report_params: bool = False, mesh=None) -> FitResult:
+        mesh=None, log: Callable[[str], None] = print, progress_stream=None) -> FitResult:
     """The tutorial's training run: epochs of training then evaluation, the plateau schedule on
-    the test loss, TensorBoard, plots and checkpoints in `run_dir`.
+    the test loss, TensorBoard, plots and checkpoints in `run_dir`; the parameter table, progress
+    and a line per epoch through `log` and `progress_stream` (default stdout).
 
-    `resume` continues from the latest checkpoint to exactly the result of an uninterrupted run
-    (same device). `stop_after_epoch` ends the run after that epoch's checkpoint, as a kill would.
-    `mesh` (default: every device of every process, cbam_jax.distributed.make_mesh) splits each
-    batch over its devices; only the primary process logs, writes TensorBoard files and plots.
+    `resume` continues from the latest checkpoint (from the start if the run was stopped before
+    its first one) to exactly the result of an uninterrupted run on the same devices; settings
+    that would change the result are refused before anything is built. `mesh` (default: every
+    device of every process, cbam_jax.distributed.make_mesh) splits each batch over its devices;
+    only the primary process logs, writes TensorBoard files and plots.
     """
     from cbam_jax.checkpoint import Checkpoints  # orbax, tensorboardX, matplotlib: train extras
-    from cbam_jax.logbook import Logbook, plot_attention, plot_epoch_metrics, plot_iter_losses
+    from cbam_jax.logbook import EpochReporter, Logbook, plot_run
 
     run_dir = Path(run_dir)
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoints"
+    checkpoints = Checkpoints(Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoints")
+    if resume:  # refuse a mismatch before any model is built
+        _check_resumable(config, dataset.name, run_dir, checkpoints)
     mesh = mesh if mesh is not None else distributed.make_mesh()
-    distributed.check_batch_size(config.batch_size, mesh)
-    data_sharding = distributed.batch_sharding(mesh)
     primary = distributed.is_primary_process()
     if not primary:
         log, progress_stream = (lambda *_: None), open(os.devnull, "w")
-    model, tx = build(config.dtype, config.model, len(dataset.class_names))
-    steps_per_call = config.steps_per_call or default_steps_per_call()
-    looped_eval = steps_per_call > 1
-    n_train = len(dataset.train_labels)
-    num_batches = -(-n_train // config.batch_size)
 
-    schedule = tutorial_plateau()
-    state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), config.learning_rate)
-    if report_params:  # before any pytree map, which would sort the modules by name
-        from cbam_jax.models import parameter_report
-        parameter_report(state.params, log)
-    state = distributed.put_replicated(state, mesh)
-    plateau, history = schedule.init(config.learning_rate), History()
+    data = place_data(dataset, mesh, config.batch_size)  # also checks the batch fits the mesh
+    state = _initial_state(config, len(dataset.class_names), mesh, log)
+    plateau, history = tutorial_plateau().init(config.learning_rate), History()
     start_epoch, best_test_acc = 0, -1.0
-    checkpoints = Checkpoints(checkpoint_dir)
-    if resume:
+    if resume and checkpoints.latest_epoch() is not None:
         state, meta = checkpoints.restore_latest(state)
-        saved = meta["config"]
-        changed = {k: (saved[k], getattr(config, k)) for k in _RESUME_KEYS
-                   if saved[k] != getattr(config, k)}
-        if meta["dataset"] != dataset.name:
-            changed["dataset"] = (meta["dataset"], dataset.name)
-        if changed:
-            raise ResumeMismatchError(
-                "cannot resume with different settings (saved, given): "
-                + ", ".join(f"{k}: {v[0]!r} != {v[1]!r}" for k, v in changed.items()))
+        plateau, history = PlateauState(**meta["plateau"]), History(**meta["history"])
         start_epoch, best_test_acc = meta["epoch"], meta["best_test_acc"]
-        plateau = PlateauState(**meta["plateau"])
-        history = History(**meta["history"])
-        log(f"Resuming from {checkpoint_dir} after epoch {start_epoch} (step "
+        log(f"Resuming from {checkpoints.directory} after epoch {start_epoch} (step "
             f"{int(state.step)}, lr {plateau.lr:.3g})")
+    elif resume:
+        log(f"No checkpoint in {checkpoints.directory} yet: starting {run_dir} from epoch 1")
+    elif primary:
+        _write_run_record(run_dir, config, dataset.name)
 
-    book = (Logbook(run_dir, purge_step=start_epoch * num_batches if resume else None)
-            if primary else None)
-    if book is not None and not resume:
-        book.hyperparameters({**dataclasses.asdict(config), "dataset": dataset.name,
-                              "steps_per_call": steps_per_call, "device": str(jax.devices()[0]),
-                              "devices": mesh.size, "processes": jax.process_count(),
-                              "scheduler": "ReduceLROnPlateau(mode=min, patience=3, factor=0.5) "
-                                           "on the test loss"})
-    train_images, train_labels = distributed.put_replicated(
-        (np.asarray(dataset.train_images, np.uint8), np.asarray(dataset.train_labels, np.int32)),
-        mesh)
-    test_images, test_labels, test_mask = distributed.put_replicated(_pad_test_set(
-        np.asarray(dataset.test_images, np.uint8), np.asarray(dataset.test_labels, np.int32),
-        config.batch_size), mesh)
+    book = None
+    if primary:  # on resume, the logbook drops what the killed run wrote after its checkpoint
+        book = Logbook(run_dir, resume_at=(start_epoch, start_epoch * data.num_train_batches)
+                       if resume else None)
+        if start_epoch == 0:
+            book.hyperparameters({
+                **dataclasses.asdict(config), "dataset": dataset.name,
+                "steps_per_call": config.steps_per_call or default_steps_per_call(),
+                "device": str(jax.devices()[0]), "devices": mesh.size,
+                "processes": jax.process_count(), "scheduler": repr(tutorial_plateau())})
     shown = np.asarray(dataset.test_images[:config.num_attention_images], np.uint8)
-
     maps = None
     try:
         for epoch in range(start_epoch, config.epochs):
-            state = set_learning_rate(state, plateau.lr)
-            note = (f"The last good checkpoint (epoch {epoch}) is in {checkpoint_dir}."
+            note = (f"The last good checkpoint (epoch {epoch}) is in {checkpoints.directory}."
                     if epoch else "No checkpoint was written.")
-            progress = _Progress(epoch + 1, config.epochs, num_batches, progress_stream)
-            start = time.perf_counter()
-            state, losses, correct = train_epoch(model, tx, state, train_images, train_labels,
-                                                 epoch, config, steps_per_call, book, progress,
-                                                 note, data_sharding)
-            epoch_time = time.perf_counter() - start
-            progress.close()
-            train_loss = float(np.mean(losses, dtype=np.float64))
-            train_acc = 100.0 * float(correct.sum()) / n_train
-            test_loss, test_acc = evaluate(model, state, test_images, test_labels, test_mask,
-                                           config.batch_size, looped_eval, data_sharding)
-            if not math.isfinite(test_loss):
-                raise NonFiniteLossError(f"test loss is {test_loss} after epoch {epoch + 1}: "
-                                         f"stopping. {note}")
-            history.train_loss.append(train_loss)
-            history.train_acc.append(train_acc)
-            history.test_loss.append(test_loss)
-            history.test_acc.append(test_acc)
-            history.lr.append(plateau.lr)
-            history.epoch_time.append(epoch_time)
-            history.images_per_s.append(n_train / epoch_time)
-            history.iter_loss.extend(float(x) for x in losses)
-            lr_used = plateau.lr
-            plateau = schedule.step(plateau, test_loss)
-
+            reporter = EpochReporter(book, epoch, config, data.train_batch_sizes, plateau.lr,
+                                     progress_stream, compiling=epoch == start_epoch)
+            state, result = _run_epoch(state, data, epoch, config, plateau.lr, reporter, note)
+            history.record(result)
+            plateau = tutorial_plateau().step(plateau, result.test_loss)
             # Every process computes the maps: a jitted call over the mesh is a collective.
-            maps = [np.asarray(m) for m in attention_maps(model, state, shown)]
-            if book is not None:
-                book.epoch_scalars(epoch, train_loss, train_acc, test_loss, test_acc, epoch_time,
-                                   n_train / epoch_time)
-                book.attention(epoch, shown, maps)
-                book.flush()
-
-            is_best = test_acc > best_test_acc
-            best_test_acc = max(best_test_acc, test_acc)
-            checkpoints.save(epoch + 1, state,
-                             _meta(config, dataset.name, epoch + 1, plateau, history,
-                                   best_test_acc), is_best=is_best)
-            lr_note = f"{lr_used:.3g}" + (f" -> {plateau.lr:.3g}" if plateau.lr != lr_used else "")
-            log(f"Epoch {epoch + 1}/{config.epochs} done | train loss {train_loss:.4f} acc "
-                f"{train_acc:.2f}% | test loss {test_loss:.4f} acc {test_acc:.2f}% | lr {lr_note} "
-                f"| {epoch_time:.1f} s, {n_train / epoch_time:,.0f} img/s")
-            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-                break
+            maps = [np.asarray(m) for m in attention_maps(state, shown)]
+            if book is not None:  # durable before the checkpoint that commits the epoch
+                book.epoch(result, shown, maps)
+            is_best, best_test_acc = result.test_acc > best_test_acc, max(best_test_acc,
+                                                                            result.test_acc)
+            checkpoints.save(epoch + 1, state, {
+                "epoch": epoch + 1, "dataset": dataset.name, "config": dataclasses.asdict(config),
+                "plateau": plateau._asdict(), "history": dataclasses.asdict(history),
+                "best_test_acc": best_test_acc}, is_best=is_best)
+            log(_epoch_line(result, config.epochs, plateau.lr))
     finally:  # also after a failure or Ctrl-C: the figures of the epochs that finished
         if book is not None:
             book.close()
         checkpoints.close()  # orbax saves collectively: process 0 writes the replicated state
-        # The last finished epoch's maps (a failed epoch's state is gone); process 0 plots.
-        if maps is not None and primary:
-            plot_iter_losses(history.iter_loss, run_dir / "iteration_loss.png")
-            plot_epoch_metrics(history, run_dir / "epoch_metrics.png")
-            plot_attention(shown, maps, dataset.class_names,
-                           [int(x) for x in dataset.test_labels[:len(shown)]],
-                           run_dir / "attention_maps.png")
+        if maps is not None and primary:  # the last finished epoch's maps
+            plot_run(run_dir, history, shown, maps, dataset.class_names,
+                     [int(x) for x in dataset.test_labels[:len(shown)]])
     return FitResult(state, history, run_dir, len(history.test_acc))
+
+
+def _check_resumable(config: TrainConfig, dataset_name: str, run_dir: Path, checkpoints) -> None:
+    """Refuse a resume that could not continue the run exactly, before anything is built."""
+    record_path = run_dir / RUN_RECORD
+    if record_path.is_file():
+        saved = json.loads(record_path.read_text())
+    elif checkpoints.latest_epoch() is not None:  # a run from before run.json existed
+        saved = checkpoints.latest_meta()
+    elif distributed.is_primary_process():
+        raise FileNotFoundError(f"no checkpoint to resume from in {checkpoints.directory}, and "
+                                f"{run_dir} holds no run record ({RUN_RECORD}): nothing to resume")
+    else:  # run_dir may be process 0's own disk; process 0 checks it
+        return
+    changed = {k: (saved["config"][k], getattr(config, k)) for k in RESUME_KEYS
+               if saved["config"][k] != getattr(config, k)}
+    if saved["dataset"] != dataset_name:
+        changed["dataset"] = (saved["dataset"], dataset_name)
+    if changed:
+        raise ResumeMismatchError(
+            "cannot resume with different settings (saved, given): "
+            + ", ".join(f"{k}: {v[0]!r} != {v[1]!r}" for k, v in changed.items()))
+
+
+def _write_run_record(run_dir: Path, config: TrainConfig, dataset_name: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RUN_RECORD + ".tmp")
+    tmp.write_text(json.dumps({"config": dataclasses.asdict(config), "dataset": dataset_name},
+                              indent=1) + "\n")
+    os.replace(tmp, run_dir / RUN_RECORD)  # a kill leaves the old record or the new one
+
+
+def _initial_state(config: TrainConfig, num_classes: int, mesh, log) -> TrainState:
+    """The model's initial state on every device of the mesh; prints the parameter table."""
+    from cbam_jax.naming import parameter_report
+
+    model, tx = build(config.dtype, config.model, num_classes)
+    state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), config.learning_rate)
+    parameter_report(state.params, log)  # before any pytree map, which would sort the names
+    return distributed.put_replicated(state, mesh)
+
+
+def _run_epoch(state, data, epoch, config, lr, reporter, note):
+    """Train one epoch, then evaluate: (state, EpochResult). Non-finite losses stop the run."""
+    state = set_learning_rate(state, lr)
+    start = time.perf_counter()
+    try:
+        state, losses, correct = train_epoch(state, data, epoch, config, reporter)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"{e} {note}") from None
+    finally:
+        reporter.close()
+    epoch_time = time.perf_counter() - start
+    looped = (config.steps_per_call or default_steps_per_call()) > 1
+    test_loss, test_acc = evaluate(state, data, looped)
+    if not math.isfinite(test_loss):
+        raise NonFiniteLossError(f"test loss is {test_loss} after epoch {epoch + 1}: stopping. "
+                                 f"{note}")
+    return state, EpochResult(
+        epoch, float(np.mean(losses, dtype=np.float64)),
+        100.0 * float(correct.sum()) / data.num_train, test_loss, test_acc, lr, epoch_time,
+        data.num_train / epoch_time, losses)
+
+
+def _epoch_line(r: EpochResult, epochs: int, next_lr: float) -> str:
+    lr = f"{r.lr:.3g}" + (f" -> {next_lr:.3g}" if next_lr != r.lr else "")
+    return (f"Epoch {r.epoch + 1}/{epochs} done | train loss {r.train_loss:.4f} acc "
+            f"{r.train_acc:.2f}% | test loss {r.test_loss:.4f} acc {r.test_acc:.2f}% | lr {lr} "
+            f"| {r.epoch_time:.1f} s, {r.images_per_s:,.0f} img/s")

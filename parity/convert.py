@@ -1,6 +1,6 @@
 """Exact weight conversion between the tutorial's `CBAM_CNN` state_dict and `cbam_jax.CBAMCNN`.
 
-Names come from `cbam_jax.models.torch_style_name`; layouts differ in three ways:
+Names come from `cbam_jax.naming.torch_style_name`; layouts differ in three ways:
 conv kernels are OIHW in PyTorch and HWIO in Flax, Linear weights are [out, in] vs Dense
 kernels [in, out], and fc1's inputs are flattened (C, H, W) by PyTorch but (H, W, C) by NHWC.
 Every conversion is a transpose or a reshape of float32 data, so the round trip is bitwise.
@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from cbam_jax.models import BLOCK_CHANNELS, INPUT_SHAPE, CBAMCNN, torch_style_name
+from cbam_jax.data import IMAGE_SHAPE
+from cbam_jax.models import BLOCK_CHANNELS, CBAMCNN
+from cbam_jax.naming import torch_style_name
 from parity.reference import CBAM_CNN
 
 # fc1 reads the last CBAM's output [C, H, W] = [128, 4, 4]: three 2x2 pools halve 32 to 4.
-_FC1_INPUT_CHW = (BLOCK_CHANNELS[-1], INPUT_SHAPE[0] // 8, INPUT_SHAPE[1] // 8)
+_FC1_INPUT_CHW = (BLOCK_CHANNELS[-1], IMAGE_SHAPE[0] // 8, IMAGE_SHAPE[1] // 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +56,17 @@ def _torch_to_flax_array(kind: str, a: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
+def variables_template():
+    """CBAMCNN's variables as shapes and dtypes (jax.ShapeDtypeStruct), without computing them."""
+    return jax.eval_shape(lambda: CBAMCNN().init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE))))
+
+
+@functools.lru_cache(maxsize=None)
 def _layout() -> "OrderedDict[str, _Leaf]":
     """{PyTorch name: _Leaf} in `CBAM_CNN.state_dict()` order, checked against both models."""
     with torch.device("meta"):  # shapes and key order only, no memory
         torch_shapes = OrderedDict((k, tuple(v.shape)) for k, v in CBAM_CNN().state_dict().items())
-    template = jax.eval_shape(
-        lambda: CBAMCNN().init(jax.random.key(0), jnp.zeros((1, *INPUT_SHAPE))))
+    template = variables_template()
     flax_leaves = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
         collection, *path = (k.key for k in key_path)

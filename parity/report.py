@@ -16,13 +16,13 @@ from collections import OrderedDict
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 import torch.nn.functional as F
 
-from cbam_jax.models import BLOCK_CHANNELS, INPUT_SHAPE, CBAMCNN
-from cbam_jax.train import TrainState, adam_step, make_optimizer
-from parity.convert import flax_to_torch, torch_to_flax
+from cbam_jax.data import IMAGE_SHAPE
+from cbam_jax.models import BLOCK_CHANNELS, CBAMCNN
+from cbam_jax.train import TrainState, adam_step, cross_entropy, make_optimizer
+from parity.convert import flax_to_torch, torch_to_flax, variables_template
 from parity.reference import CBAM_CNN
 
 
@@ -113,7 +113,7 @@ def random_state_dict(seed: int) -> "OrderedDict[str, torch.Tensor]":
 def random_batch(seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [B, 3, 32, 32] standard normal (like normalised CIFAR), labels: [B] in 0..9."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, INPUT_SHAPE[2], *INPUT_SHAPE[:2], generator=g)
+    x = torch.randn(batch_size, IMAGE_SHAPE[2], *IMAGE_SHAPE[:2], generator=g)
     y = torch.randint(0, 10, (batch_size,), generator=g)
     return x, y
 
@@ -190,8 +190,7 @@ _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 def _params_template():
     """Zero params of the right structure, to convert batch_stats (or grads) on their own."""
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-        lambda: CBAMCNN().init(jax.random.key(0), jnp.zeros((1, *INPUT_SHAPE))))["params"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables_template()["params"])
 
 
 def _torch_named_params(tree, batch_stats) -> "OrderedDict[str, torch.Tensor]":
@@ -199,11 +198,6 @@ def _torch_named_params(tree, batch_stats) -> "OrderedDict[str, torch.Tensor]":
     converted = flax_to_torch({"params": tree, "batch_stats": batch_stats})
     return OrderedDict((k, v) for k, v in converted.items()
                        if k.rsplit(".", 1)[-1] not in _BUFFERS)
-
-
-def cross_entropy(logits, labels):
-    """Mean cross-entropy over the batch, like nn.CrossEntropyLoss()."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def _jax_loss(model, params, batch_stats, x, y):
@@ -245,10 +239,10 @@ def adam_comparisons(state_dict, batches, eval_x: torch.Tensor,
     variables = torch_to_flax(state_dict)
     no_dropout = jax.random.key(0)  # dropout_rate=0: the key is never used
     # The engine's own update (train.adam_step), so the comparison covers the training code.
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       batch_stats=variables["batch_stats"],
-                       opt_state=tx.init(variables["params"]), rng=no_dropout)
-    step = jax.jit(lambda state, x, y: adam_step(model, tx, state, x, y, no_dropout)[0])
+    state = TrainState(step=jnp.zeros((), jnp.int32), apply_fn=model.apply,
+                       params=variables["params"], tx=tx, opt_state=tx.init(variables["params"]),
+                       batch_stats=variables["batch_stats"], rng=no_dropout)
+    step = jax.jit(lambda state, x, y: adam_step(state, x, y, no_dropout)[0])
 
     jax_biases = []
     for x, y in batches:

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cbam_jax import distributed, train  # noqa: E402
-from cbam_jax.augment import augment, normalize  # noqa: E402
-from cbam_jax.data import Dataset  # noqa: E402
+from cbam_jax import distributed, train
+from cbam_jax.augment import augment, normalize
+from cbam_jax.data import IMAGE_SHAPE, Dataset
+from cbam_jax.loader import place_data
 
 SECTIONS = ("step", "eval", "augment", "epoch")
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
@@ -45,7 +43,7 @@ CPU_EPOCH_TRAIN, CPU_EPOCH_TEST = 2_048, 512
 def synthetic_images(n: int, seed: int = 0):
     """uint8 [n, 32, 32, 3] images and int32 [n] labels."""
     rng = np.random.default_rng(seed)
-    return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+    return (rng.integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8),
             rng.integers(0, 10, n).astype(np.int32))
 
 
@@ -136,18 +134,18 @@ def _throughput(step, images_per_call: int, calls: int, sync):
 
 def _jax_state(seed: int = 0):
     model, tx = train.build("float32")
-    return model, tx, train.create_train_state(model, tx, jax.random.PRNGKey(seed), 1e-3)
+    return train.create_train_state(model, tx, jax.random.PRNGKey(seed), 1e-3)
 
 
 def jax_train_step(batch: int, calls: int):
     """The engine's model step (forward, backward, Adam) on a normalised float batch."""
-    model, tx, state = _jax_state()
+    state = _jax_state()
     images, labels = synthetic_images(batch)
     x, y = normalize(jnp.asarray(images)), jnp.asarray(labels)
 
     def step(state, x, y):
         dropout_key = jax.random.fold_in(state.rng, state.step)
-        return train.adam_step(model, tx, state, x, y, dropout_key)[:2]
+        return train.adam_step(state, x, y, dropout_key)[:2]
 
     step = jax.jit(step, donate_argnums=0)
     holder = [state]
@@ -160,10 +158,10 @@ def jax_train_step(batch: int, calls: int):
 
 def jax_engine_step(batch: int, calls: int):
     """`train.train_step` as the engine runs it: on-device augmentation of uint8 + the step."""
-    model, tx, state = _jax_state()
+    state = _jax_state()
     images, labels = synthetic_images(batch)
     images, labels = jnp.asarray(images), jnp.asarray(labels)
-    step = jax.jit(lambda s, i, l: train.train_step(model, tx, s, i, l), donate_argnums=0)
+    step = jax.jit(train.train_step, donate_argnums=0)
     holder = [state]
 
     def call():
@@ -173,11 +171,11 @@ def jax_engine_step(batch: int, calls: int):
 
 
 def jax_eval(batch: int, calls: int):
-    model, _, state = _jax_state()
+    state = _jax_state()
     images, _ = synthetic_images(batch)
     x = normalize(jnp.asarray(images))
-    fwd = jax.jit(lambda s, x: model.apply({"params": s.params, "batch_stats": s.batch_stats}, x,
-                                           train=False))
+    fwd = jax.jit(lambda s, x: s.apply_fn({"params": s.params, "batch_stats": s.batch_stats}, x,
+                                          train=False))
     return _throughput(lambda: fwd(state, x), batch, calls, jax.block_until_ready)
 
 
@@ -299,24 +297,16 @@ def jax_augment(n_images: int, batch: int):
 
 def jax_epoch(n_train: int, n_test: int, batch: int = 64):
     """One epoch of the engine (train_epoch, then evaluate), images/s over train + test images."""
-    data = synthetic_dataset(n_train, n_test)
-    model, tx, state = _jax_state()
+    mesh = distributed.make_mesh()
+    data = place_data(synthetic_dataset(n_train, n_test), mesh, batch)
     config = train.TrainConfig(epochs=1, batch_size=batch)
-    steps_per_call = train.default_steps_per_call()
-    mesh = distributed.make_mesh()  # placed as train.fit places them
-    data_sharding = distributed.batch_sharding(mesh)
-    state = distributed.put_replicated(state, mesh)
-    train_images, train_labels = distributed.put_replicated(
-        (data.train_images, data.train_labels), mesh)
-    test = train._pad_test_set(data.test_images, data.test_labels, batch)
-    holder, epoch = [state], iter(range(1 << 30))
+    looped = train.default_steps_per_call() > 1
+    holder, epoch = [distributed.put_replicated(_jax_state(), mesh)], iter(range(1 << 30))
 
     def run():
         start = time.perf_counter()
-        holder[0], _, _ = train.train_epoch(model, tx, holder[0], train_images, train_labels,
-                                            next(epoch), config, steps_per_call,
-                                            data_sharding=data_sharding)
-        train.evaluate(model, holder[0], *test, batch, steps_per_call > 1, data_sharding)
+        holder[0], _, _ = train.train_epoch(holder[0], data, next(epoch), config)
+        train.evaluate(holder[0], data, looped)
         return (n_train + n_test) / (time.perf_counter() - start)
     return run
 

@@ -4,16 +4,17 @@ Cost: one small compile per JAX contender and a few DataLoader passes. With a 1-
 `full_recipe` (train.fit) included it took 14.8 min wall (~3.5 min CPU) at load average ~10 on
 2 cores, so the recipe is left to `--full-recipe` runs; not yet timed without it.
 """
+import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import benchmark  # noqa: E402
+_spec = importlib.util.spec_from_file_location(
+    "benchmark", Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py")
+benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(benchmark)
 
 TINY = benchmark.Plan(reps=2, step_batches=(8,), step_calls=1, eval_batch=8, eval_calls=1,
                       torch_compile=False, augment_images=16, augment_workers=(0,),

@@ -216,7 +216,8 @@ def test_labels_out_of_range_are_reported(tmp_path):
                                        "data": np.zeros((2, 3072), np.uint8)})
     _write_folder(tmp_path, files)
     with pytest.raises(data.CorruptDataError,
-                       match=r"test_batch: 'labels' should be a list of 2 ints"):
+                       match=r"test_batch: 'labels' should be a list of 2 ints in 0\.\.9, "
+                             r"but label 1 is 10"):
         data.load_cifar10(str(tmp_path), download=False)
 
 

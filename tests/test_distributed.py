@@ -42,19 +42,21 @@ EQUIVALENCE = """
     import jax, numpy as np
     from cbam_jax import distributed
     from cbam_jax.data import load_digits
-    from cbam_jax.train import TrainConfig, build, create_train_state, train_epoch
+    from cbam_jax.loader import place_data
+    from cbam_jax.recipe import TrainConfig
+    from cbam_jax.train import build, create_train_state, train_epoch
 
     digits = load_digits()  # 1,437 images: 22 batches of 64, then 29 (uneven over 8 devices)
-    config = TrainConfig(epochs=1, batch_size=64, log_every=1000, hist_every=1000)
+    config = TrainConfig(epochs=1, batch_size=64, steps_per_call=1, log_every=1000,
+                         hist_every=1000)
     model, tx = build(config.dtype)
     out = {}
     for n in (1, 8):
         mesh = distributed.make_mesh(n)
         state = create_train_state(model, tx, jax.random.PRNGKey(0), config.learning_rate)
-        state, images, labels = distributed.put_replicated(
-            (state, digits.train_images, digits.train_labels), mesh)
-        state, losses, _ = train_epoch(model, tx, state, images, labels, 0, config, 1,
-                                       data_sharding=distributed.batch_sharding(mesh))
+        state = distributed.put_replicated(state, mesh)
+        state, losses, _ = train_epoch(state, place_data(digits, mesh, config.batch_size), 0,
+                                       config)
         leaves = jax.tree.leaves((state.params, state.batch_stats))
         out[n] = {"losses": losses.tolist(), "mesh": mesh.size,
                   "replicated": all(x.sharding.is_fully_replicated
@@ -129,29 +131,29 @@ def test_a_batch_not_divisible_by_the_devices_is_rejected_by_the_library():
 # --- mixed precision --------------------------------------------------------------------------
 
 BF16 = """
-    import json
+    import dataclasses, json
     import jax, jax.numpy as jnp, numpy as np
     from cbam_jax import distributed
     from cbam_jax.data import load_digits
-    from cbam_jax.train import TrainConfig, build, create_train_state, evaluate, train_epoch
-    from cbam_jax.train import _pad_test_set
+    from cbam_jax.loader import place_data
+    from cbam_jax.recipe import TrainConfig
+    from cbam_jax.train import build, create_train_state, evaluate, train_epoch
 
     digits = load_digits()
     # 1,408 = 22 whole batches of 64: a single compiled step shape.
-    config = TrainConfig(epochs=6, batch_size=64, dtype="bfloat16", log_every=1000,
-                         hist_every=1000)
+    digits = dataclasses.replace(digits, train_images=digits.train_images[:1408],
+                                 train_labels=digits.train_labels[:1408])
+    config = TrainConfig(epochs=6, batch_size=64, dtype="bfloat16", steps_per_call=1,
+                         log_every=1000, hist_every=1000)
     model, tx = build(config.dtype)
     mesh = distributed.make_mesh()
-    sharding = distributed.batch_sharding(mesh)
-    state = create_train_state(model, tx, jax.random.PRNGKey(0), config.learning_rate)
-    state, images, labels, test = distributed.put_replicated(
-        (state, digits.train_images[:1408], digits.train_labels[:1408],
-         _pad_test_set(digits.test_images, digits.test_labels, config.batch_size)), mesh)
+    data = place_data(digits, mesh, config.batch_size)
+    state = distributed.put_replicated(
+        create_train_state(model, tx, jax.random.PRNGKey(0), config.learning_rate), mesh)
     accuracy = []
     for epoch in range(config.epochs):
-        state, losses, _ = train_epoch(model, tx, state, images, labels, epoch, config, 1,
-                                       data_sharding=sharding)
-        accuracy.append(evaluate(model, state, *test, config.batch_size, False, sharding)[1])
+        state, losses, _ = train_epoch(state, data, epoch, config)
+        accuracy.append(evaluate(state, data)[1])
     print(json.dumps({
         "accuracy": accuracy, "devices": mesh.size, "loss_dtype": str(losses.dtype),
         "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.params)}),
@@ -191,7 +193,8 @@ WORKER = """
     distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     import dataclasses, jax
     from cbam_jax.data import load_digits
-    from cbam_jax.train import TrainConfig, fit
+    from cbam_jax.recipe import TrainConfig
+    from cbam_jax.train import fit
 
     digits = load_digits()
     small = dataclasses.replace(digits, train_images=digits.train_images[:256],

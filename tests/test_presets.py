@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cbam_jax import CBAM, ChannelAttention, SpatialAttention
-from cbam_jax.layers import CBAM_PRESETS, reduced_width
+from cbam_jax.layers import CBAM_PRESETS
+from cbam_jax.ops import reduced_width
 
 
 def _sigmoid(z):

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbam_jax.models import (CBAMCNN, CBAMResNet, cbam_resnet18, cbam_resnet34, cbam_resnet50,
-                             create_model, parameter_report)
+from cbam_jax.models import CBAMCNN
+from cbam_jax.naming import parameter_report
+from cbam_jax.registry import create_model
+from cbam_jax.resnet import CBAMResNet, cbam_resnet18, cbam_resnet34, cbam_resnet50
 
 FACTORIES = {18: cbam_resnet18, 34: cbam_resnet34, 50: cbam_resnet50}
 # torchvision.models.resnet{18,34,50}(num_classes=1000): sum(p.numel() for p in m.parameters()).

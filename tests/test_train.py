@@ -8,7 +8,6 @@ batch, final partial batch, gradient-returning variant, rolled loop) shared by a
 """
 import dataclasses
 import re
-import struct
 from pathlib import Path
 
 import jax
@@ -16,14 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from tensorboardX.proto import event_pb2
 
 from cbam_jax import train
 from cbam_jax.checkpoint import Checkpoints
 from cbam_jax.data import load_dataset
-from cbam_jax.models import named_leaves
+from cbam_jax.distributed import make_mesh
+from cbam_jax.loader import pad_to_batches, place_data
+from cbam_jax.logbook import event_files, read_events
+from cbam_jax.naming import named_leaves
+from cbam_jax.recipe import TrainConfig
 from cbam_jax.schedule import PlateauState
-from cbam_jax.train import (NonFiniteLossError, ResumeMismatchError, TrainConfig, build,
+from cbam_jax.train import (Call, CallShape, NonFiniteLossError, ResumeMismatchError, build,
                             create_train_state, epoch_plan, evaluate, fit)
 
 # Batch 32: twice the updates of batch 64 for the same compute, which digits needs under the
@@ -49,24 +51,10 @@ def full_run(digits, tmp_path_factory):
     return fit(CONFIG, digits, run_dir, log=quiet, progress_stream=open("/dev/null", "w"))
 
 
-def read_events(run_dir):
-    """Every Event in a run directory's event files (TFRecord framing: length, crc, data, crc)."""
-    events = []
-    for path in sorted(Path(run_dir).glob("events.out.tfevents.*")):
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[pos + 12:pos + 12 + length])
-            events.append(event)
-            pos += 12 + length + 4
-    return events
-
-
 def summaries(run_dir):
     """{tag: {step: Summary.Value}}."""
     out = {}
-    for event in read_events(run_dir):
+    for event in (e for path in event_files(run_dir) for e in read_events(path)):
         for value in event.summary.value:
             out.setdefault(value.tag, {})[event.step] = value
     return out
@@ -146,12 +134,13 @@ SHORT = dataclasses.replace(CONFIG, epochs=2)
 
 @pytest.fixture(scope="module")
 def short_runs(digits, tmp_path_factory):
-    """Two epochs uninterrupted, and two epochs killed after the first (its checkpoint written)
-    then resumed. Same data shapes as `full_run`, so the compiled steps are reused."""
+    """Two epochs uninterrupted, and a run stopped after its first epoch (its checkpoint
+    written; `epochs` is no resume key) then resumed to two. Same data shapes as `full_run`, so
+    the compiled steps are reused."""
     devnull = open("/dev/null", "w")
     root = tmp_path_factory.mktemp("short")
     whole = fit(SHORT, digits, root / "whole", log=quiet, progress_stream=devnull)
-    first = fit(SHORT, digits, root / "killed", stop_after_epoch=1, log=quiet,
+    first = fit(dataclasses.replace(SHORT, epochs=1), digits, root / "killed", log=quiet,
                 progress_stream=devnull)
     resumed = fit(SHORT, digits, root / "killed", resume=True, log=quiet, progress_stream=devnull)
     return whole, first, resumed
@@ -229,17 +218,16 @@ def test_rolled_loop_over_steps_matches_one_call_per_step(digits):
     rolled loop runs about 10x slower per step than one call per step.
     """
     model, tx = build("float32")
-    images, labels = jax.device_put(digits.train_images), jax.device_put(digits.train_labels)
+    data = place_data(digits, make_mesh(), batch_size=32)
 
     def first_losses(looped):
         state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
-        perm = train.epoch_permutation(state.rng, np.int32(0), len(labels))
-        accum = train._new_accumulator(DIGITS_BATCHES)
-        kwargs = dict(model=model, tx=tx, batch_size=32, size=32, looped=looped)
+        record = train.new_epoch_record(state.rng, np.int32(0), data.num_train, DIGITS_BATCHES)
+        shape = CallShape(size=32, looped=looped, with_grads=False)
         for first, count in ([(0, 8)] if looped else [(b, 1) for b in range(8)]):
-            state, accum, _ = train.train_batches(state, accum, images, labels, perm,
-                                                  np.int32(first), np.int32(count), **kwargs)
-        return np.asarray(accum["loss"][:8]), int(state.step)
+            state, record, _ = train.train_batches(state, record, data, np.int32(first),
+                                                   np.int32(count), shape=shape)
+        return np.asarray(record.loss[:8]), int(state.step)
 
     (looped, steps), (per_call, _) = first_losses(True), first_losses(False)
     assert steps == 8
@@ -252,9 +240,9 @@ def test_evaluation_covers_every_test_image_exactly_once(digits, full_run):
     model, _ = build("float32")
     state = full_run.state
     images, labels = digits.test_images, digits.test_labels
-    padded = train._pad_test_set(images, labels, 32)
-    assert len(padded[2]) == 384 and int(padded[2].sum()) == 360
-    loss, acc = evaluate(model, state, *padded, batch_size=32, looped=False)
+    _, _, mask = pad_to_batches(images, labels, 32)
+    assert len(mask) == 384 and int(mask.sum()) == 360
+    loss, acc = evaluate(state, place_data(digits, make_mesh(), batch_size=32))
 
     from cbam_jax.augment import normalize
     logits = jax.jit(model.apply)({"params": state.params, "batch_stats": state.batch_stats},
@@ -272,24 +260,27 @@ def test_evaluation_covers_every_test_image_exactly_once(digits, full_run):
 def test_tutorial_epoch_plan_keeps_the_final_batch_of_16():
     plan = epoch_plan(50_000, 64, steps_per_call=1, hist_every=500)
     assert len(plan) == 782  # 781 full batches + the DataLoader's final batch of 16
-    assert sum(count * size for _, count, size, _ in plan) == 50_000
-    assert plan[-1] == (781, 1, 16, False)
-    assert [first for first, _, _, grads in plan if grads] == [499]
+    assert sum(call.count * call.shape.size for call in plan) == 50_000
+    assert plan[-1] == Call(781, 1, CallShape(size=16, looped=False, with_grads=False))
+    assert [call.first for call in plan if call.shape.with_grads] == [499]
+    # One compiled shape per kind of call: full batch, histogram batch, final batch.
+    assert {call.shape for call in plan} == {CallShape(64, False, False),
+                                             CallShape(64, False, True), CallShape(16, False, False)}
 
 
 def test_epoch_plan_with_steps_per_call_runs_histogram_batches_alone():
     plan = epoch_plan(50_000, 64, steps_per_call=50, hist_every=500)
-    batches = [b for first, count, _, _ in plan for b in range(first, first + count)]
+    batches = [b for call in plan for b in range(call.first, call.first + call.count)]
     assert batches == list(range(782))
-    assert (499, 1, 64, True) in plan
-    assert max(count for _, count, _, _ in plan) == 50
+    assert Call(499, 1, CallShape(64, False, True)) in plan
+    assert max(call.count for call in plan) == 50
     assert len(plan) == 10 + 1 + 6 + 1  # 0-498 (9x50 + 49), 499 alone, 500-780, then the 16
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_statistics(digits):
     model, tx = build("bfloat16")
     state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
-    step = jax.jit(lambda s, x, y: train.train_step(model, tx, s, x, y))
+    step = jax.jit(train.train_step)
     state, metrics = step(state, jnp.asarray(digits.train_images[:16]),
                           jnp.asarray(digits.train_labels[:16]))
     assert np.isfinite(float(metrics["loss"]))

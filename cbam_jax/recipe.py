@@ -1,0 +1,118 @@
+"""The tutorial's recipe, written once: every setting's name, default, check and help text.
+
+`TrainConfig` (what `cbam_jax.train.fit` runs) and the flags of `scripts/train.py` are both
+built from the fields below, so a default or a check cannot drift between them. This module
+imports only the standard library: `python scripts/train.py --help` answers without JAX.
+"""
+import argparse
+import dataclasses
+import math
+from typing import Any, Callable
+
+from cbam_jax.registry import MODEL_NAMES
+
+DATASETS = ("auto", "cifar10", "digits")
+DTYPES = ("float32", "bfloat16")  # compute dtypes; cbam_jax.train maps them to jnp dtypes
+DEFAULT_RUN_DIR = "runs/CBAM_CNN_experiment"  # the tutorial's, suffixed _1, _2, ... when taken
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A value's rule: `convert` a command-line string, then `ok(value)`; `expected` says what
+    is wanted, in the error that both the config and the command line give."""
+
+    convert: Callable[[str], Any]
+    ok: Callable[[Any], bool]
+    expected: str
+    choices: tuple[str, ...] | None = None  # argparse lists these in --help and its errors
+
+    def __call__(self, name: str, value) -> None:
+        if not self.ok(value):
+            raise ValueError(f"{name}: expected {self.expected}, got {value!r}")
+
+    def parse(self, text: str):
+        """An argparse `type`: the converted value, or argparse's own error."""
+        try:
+            value = self.convert(text)
+        except ValueError:
+            value = None
+        if value is None or not self.ok(value):
+            raise argparse.ArgumentTypeError(f"expected {self.expected}, got {text!r}")
+        return value
+
+
+POSITIVE_INT = Check(int, lambda v: isinstance(v, int) and v >= 1, "a positive integer")
+NON_NEGATIVE_INT = Check(int, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+POSITIVE_FLOAT = Check(float, lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0,
+                       "a positive finite number")
+
+
+def one_of(choices: tuple[str, ...]) -> Check:
+    return Check(str, lambda v: v in choices, f"one of {', '.join(choices)}", choices)
+
+
+def setting(default, check: Check, help: str, *, flag: str | None = "", optional=False):
+    """A TrainConfig field: its default, its check, its help; `flag` '' derives `--the-name`,
+    None keeps it off the command line. `optional`: None is allowed (it means 'automatic')."""
+    return dataclasses.field(default=default, metadata=dict(check=check, help=help, flag=flag,
+                                                            optional=optional))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The tutorial's recipe by default; the cadences are the tutorial's TensorBoard ones."""
+
+    epochs: int = setting(50, POSITIVE_INT, "number of training epochs")
+    batch_size: int = setting(
+        64, POSITIVE_INT, "training and evaluation batch size: the global batch, split evenly "
+        "over all devices of all processes (which must divide it)")
+    learning_rate: float = setting(
+        1e-3, POSITIVE_FLOAT, "initial Adam learning rate (halved by ReduceLROnPlateau on the "
+        "test loss after 4 epochs without improvement)", flag="--lr")
+    seed: int = setting(0, NON_NEGATIVE_INT,
+                        "seed of the initial weights, shuffling, augmentation and dropout")
+    model: str = setting("cbam_cnn", one_of(MODEL_NAMES),
+                         "the tutorial's CBAM CNN, or a CBAM-ResNet (CIFAR stem, official CBAM)")
+    dtype: str = setting("float32", one_of(DTYPES),
+                         "compute dtype of the model; parameters, optimizer, loss and BatchNorm "
+                         "statistics stay float32")
+    steps_per_call: int | None = setting(
+        None, POSITIVE_INT, "training steps per compiled call (default: 1 on CPU, where it is "
+        "fastest; 50 on GPU/TPU, to amortise dispatch)", optional=True)
+    log_every: int = setting(100, POSITIVE_INT,
+                             "batches between Train/Batch_* scalars and progress updates")
+    hist_every: int = setting(500, POSITIVE_INT,
+                              "batches between weight and gradient histograms")
+    num_attention_images: int = setting(8, POSITIVE_INT,
+                                        "test images whose attention maps are logged", flag=None)
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not (value is None and field.metadata["optional"]):
+                field.metadata["check"](field.name, value)
+
+
+# Settings whose change would make a resumed run differ from an uninterrupted one.
+RESUME_KEYS = ("batch_size", "learning_rate", "seed", "dtype", "model")
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (those with a flag), with its default, check and help."""
+    for field in dataclasses.fields(TrainConfig):
+        if field.metadata["flag"] is None:
+            continue
+        check: Check = field.metadata["check"]
+        kwargs = dict(choices=check.choices) if check.choices else dict(type=check.parse)
+        parser.add_argument(_flag(field), dest=field.name, default=field.default,
+                            help=field.metadata["help"], **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that `add_config_flags`'s flags describe."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                          if f.metadata["flag"] is not None})

@@ -1,0 +1,40 @@
+"""Which models exist, by name: the factory, kept apart from the modules (as timm's create_*).
+
+Importing this module imports no JAX: the names are plain data, and a constructor's module is
+imported only when `create_model` is called, so command lines can list the names at once.
+"""
+import functools
+import importlib
+from typing import Any, Callable
+
+# name -> (module, constructor, keyword arguments). The CBAM-ResNets get the CIFAR stem here:
+# this registry serves the 32x32 recipe; `cbam_jax.resnet` itself defaults to ImageNet's.
+_MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "cbam_cnn": ("cbam_jax.models", "CBAMCNN", {}),
+    "cbam_resnet18": ("cbam_jax.resnet", "cbam_resnet18", {"stem": "cifar"}),
+    "cbam_resnet34": ("cbam_jax.resnet", "cbam_resnet34", {"stem": "cifar"}),
+    "cbam_resnet50": ("cbam_jax.resnet", "cbam_resnet50", {"stem": "cifar"}),
+}
+MODEL_NAMES = tuple(_MODELS)
+
+
+def create_model(name: str, num_classes: int = 10, dtype: Any = None, **overrides):
+    """A Linen model by name, called as `apply(variables, x, train=...)` with 'batch_stats'."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}")
+    module, constructor, defaults = _MODELS[name]
+    build = getattr(importlib.import_module(module), constructor)
+    return build(num_classes=num_classes, dtype=dtype, **{**defaults, **overrides})
+
+
+@functools.lru_cache(maxsize=None)
+def attention_layer(preset: str) -> Callable[..., Any]:
+    """A factory of the CBAM preset `preset` ('tutorial', 'official', 'timm'): called with a
+    module's own keywords (dtype, name, ...), it returns that CBAM. One object per preset, so
+    that models built with the same preset compare (and hash, for jit) equal."""
+    from cbam_jax.layers import CBAM, CBAM_PRESETS
+
+    if preset not in CBAM_PRESETS:
+        raise ValueError(f"unknown CBAM preset {preset!r}: expected one of "
+                         f"{', '.join(CBAM_PRESETS)}")
+    return functools.partial(CBAM.preset, preset)

@@ -1,0 +1,62 @@
+"""Settings a process makes before JAX's first computation: how many devices a CPU host
+shows, and the persistent compilation cache. `scripts/train.py` calls both first thing."""
+import os
+from pathlib import Path
+
+import jax
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under taskset or a scheduler)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_devices_for(batch_size: int, requested: int | None = None) -> int:
+    """How many CPU devices to split a batch over: `requested`, else one per usable core,
+    lowered to the largest count that divides `batch_size` (each device takes an equal share)."""
+    if requested is not None:
+        return requested
+    return max(n for n in range(1, usable_cores() + 1) if batch_size % n == 0)
+
+
+def cpu_devices_chosen_by_user() -> bool:
+    """True when the environment already fixes the CPU device count (JAX_NUM_CPU_DEVICES, or
+    XLA_FLAGS=--xla_force_host_platform_device_count=N): that choice is kept."""
+    return ("JAX_NUM_CPU_DEVICES" in os.environ
+            or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""))
+
+
+def set_cpu_devices(n: int) -> bool:
+    """Make a CPU host show `n` devices (one per core: XLA:CPU keeps more cores busy running n
+    shards of a batch than one batch on its intra-op threads). Must run before JAX initialises
+    its backends; returns False, changing nothing, if it is too late or if the environment
+    already chose (cpu_devices_chosen_by_user)."""
+    if cpu_devices_chosen_by_user():
+        return False
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # backends already initialised (e.g. called twice in one process)
+        return False
+    return True
+
+
+def default_cache_dir() -> Path:
+    """Per user: $XDG_CACHE_HOME/cbam_jax/jax, else ~/.cache/cbam_jax/jax."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cbam_jax" / "jax"
+
+
+def enable_compile_cache(directory) -> Path:
+    """Keep every compiled executable in `directory` (JAX's persistent compilation cache), so a
+    second run of the same command loads its train step instead of compiling it again."""
+    directory = Path(directory).expanduser().absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    # By default JAX skips executables that compile in under a second: cache them all, since
+    # the small ones (evaluation, attention maps) add up at start-up too.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
