@@ -73,3 +73,50 @@ class Checkpoints:
     def close(self):
         for manager in self._managers.values():
             manager.close()
+
+
+# --- reading one checkpoint for inference (cbam_jax.inference) -------------------------------
+
+def step_directory(path, which: str = "best") -> Path:
+    """The checkpoint that `path` names, as its step directory (`.../checkpoints/best/7`).
+
+    `path` may be a run directory or its `checkpoints/` (then `which`, 'best' or 'latest', picks
+    one), a `best/` or `latest/` directory (its newest step), or a step directory itself. Only
+    the file system is read, so no JAX backend starts (a CPU device count can still be set).
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which: expected 'best' or 'latest', got {which!r}")
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory; expected a run directory, its "
+                                f"checkpoints/, checkpoints/best or latest, or one step in them")
+    if all((path / item).is_dir() for item in ITEMS):
+        return path
+    for sub in ("checkpoints", which):
+        if (path / sub).is_dir():
+            path = path / sub
+    # Orbax names each step by its number; a save that a kill interrupted is a '*.orbax-
+    # checkpoint-tmp-*' directory beside them, never a bare number.
+    steps = [p for p in path.iterdir() if p.name.isdigit() and p.is_dir()]
+    if not steps:
+        raise FileNotFoundError(
+            f"{path} holds no checkpoint: expected a run directory (with checkpoints/best or "
+            f"latest), a checkpoints/ directory, best/ or latest/, or a step directory in them "
+            f"(with {' and '.join(f'{i}/' for i in ITEMS)})")
+    return max(steps, key=lambda p: int(p.name))
+
+
+def read_meta(step_dir) -> dict:
+    """The JSON record of one checkpoint step (epoch, data set, settings, history)."""
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(Path(step_dir).absolute()
+                                                                 / "meta")
+
+
+def restore_variables(step_dir, target) -> dict:
+    """The model's {'params', 'batch_stats'} of one checkpoint step, shaped and placed like
+    `target` (e.g. jax.ShapeDtypeStructs with a sharding). The optimizer's state is not read:
+    inference needs only the variables, whatever the optimizer was."""
+    return ocp.PyTreeCheckpointer().restore(
+        Path(step_dir).absolute() / "state", args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))

@@ -39,6 +39,9 @@ CIFAR10_TEST_FILE = "test_batch"
 CIFAR10_META_FILE = "batches.meta"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
+DIGITS_CLASSES = tuple(str(d) for d in range(10))
+# Each data set's class names by label, known without loading it (a checkpoint names its set).
+CLASS_NAMES = {"cifar10": CIFAR10_CLASSES, "digits": DIGITS_CLASSES}
 TFDS_MANUAL_TARBALL = "cifar-10-binary.tar.gz"  # what tfds accepts in <data_dir>/downloads/manual/
 
 DIGITS_TEST_FRACTION = 0.2  # 1,797 images -> 1,437 train / 360 test, stratified
@@ -371,7 +374,7 @@ def load_digits() -> Dataset:
         random_state=DIGITS_SPLIT_SEED)
     return Dataset(name="digits", source="scikit-learn load_digits (bundled, offline)",
                    train_images=train_x, train_labels=train_y, test_images=test_x,
-                   test_labels=test_y, class_names=tuple(str(d) for d in range(10)))
+                   test_labels=test_y, class_names=DIGITS_CLASSES)
 
 
 def load_dataset(name: str = "auto", data_dir: str = "./data", download: bool = True,

@@ -309,3 +309,40 @@ def plot_run(run_dir, history, images, maps, class_names, labels):
     plot_iter_losses(history.iter_loss, run_dir / "iteration_loss.png")
     plot_epoch_metrics(history, run_dir / "epoch_metrics.png")
     plot_attention(images, maps, class_names, labels, run_dir / "attention_maps.png")
+
+
+def plot_prediction(image, maps, caption: str, path):
+    """One image's figure: the 32x32 input the model saw, captioned with its top classes, then
+    each CBAM block's spatial gate upsampled bilinearly to 32x32 and laid over it. Each gate is
+    coloured from its own lowest value (blue) to its highest (red), stated in its title: a
+    trained gate often spans a narrow band of (0, 1)."""
+    image = np.asarray(image)
+    fig = Figure(figsize=(2.2 * (1 + len(maps)), 3.0))
+    ax = fig.add_subplot(1, 1 + len(maps), 1)
+    ax.imshow(image, interpolation="nearest")
+    ax.set_title(caption, fontsize=8)
+    ax.axis("off")
+    extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)  # the image's pixels
+    for j, gate in enumerate(maps, start=1):
+        gate = np.asarray(gate, np.float32)
+        ax = fig.add_subplot(1, 1 + len(maps), 1 + j)
+        ax.imshow(image, interpolation="nearest")
+        ax.imshow(gate, cmap="jet", alpha=0.5, interpolation="bilinear", extent=extent)
+        h, w = gate.shape
+        ax.set_title(f"cbam{j} gate ({h}x{w})\n{gate.min():.2f} to {gate.max():.2f}",
+                     fontsize=8)
+        ax.axis("off")
+    fig.savefig(Path(path), dpi=100, bbox_inches="tight")
+
+
+def plot_confusion_matrix(matrix, class_names, title: str, path):
+    """Rows: the true class, columns: the predicted one (counts of test images)."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig = Figure(figsize=(1.0 + 0.6 * len(class_names), 0.6 + 0.6 * len(class_names)))
+    ax = fig.add_subplot()
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(class_names)).plot(
+        ax=ax, colorbar=False, values_format="d", xticks_rotation=45)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(Path(path), dpi=100)

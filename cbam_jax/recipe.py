@@ -14,6 +14,7 @@ from cbam_jax.registry import MODEL_NAMES
 DATASETS = ("auto", "cifar10", "digits")
 DTYPES = ("float32", "bfloat16")  # compute dtypes; cbam_jax.train maps them to jnp dtypes
 DEFAULT_RUN_DIR = "runs/CBAM_CNN_experiment"  # the tutorial's, suffixed _1, _2, ... when taken
+RUN_RECORD = "run.json"  # a run's settings, written when it starts: what --resume checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,3 +117,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig that `add_config_flags`'s flags describe."""
     return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                           if f.metadata["flag"] is not None})
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    """How the scripts that use a trained model (evaluate, predict, export) name it: CHECKPOINT,
+    --which and --dataset, the arguments of `cbam_jax.inference.load_checkpoint`."""
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="a run directory, its checkpoints/ (or best/, latest/, one step "
+                             "directory in them), or a tutorial .pth (needs torch)")
+    parser.add_argument("--which", choices=("best", "latest"), default="best",
+                        help="which checkpoint of a run directory: the best test accuracy, or "
+                             "the last epoch")
+    parser.add_argument("--dataset", choices=[d for d in DATASETS if d != "auto"], default=None,
+                        help="for a .pth outside a run directory: the data set it was trained "
+                             "on (default: cifar10, the tutorial's)")

@@ -31,8 +31,9 @@ from flax.training import train_state
 from cbam_jax import distributed
 from cbam_jax.augment import augment, normalize
 from cbam_jax.data import IMAGE_SHAPE
+from cbam_jax.inference import attention_maps
 from cbam_jax.loader import DeviceData, place_data
-from cbam_jax.recipe import RESUME_KEYS, TrainConfig
+from cbam_jax.recipe import RESUME_KEYS, RUN_RECORD, TrainConfig
 from cbam_jax.registry import create_model
 from cbam_jax.schedule import PlateauState, tutorial_plateau
 
@@ -329,16 +330,6 @@ def train_epoch(state: TrainState, data: DeviceData, epoch: int, config: TrainCo
     return state, losses, correct
 
 
-@jax.jit
-def attention_maps(state: TrainState, images):
-    """Each CBAM block's spatial gate in eval mode, for uint8 images [n, 32, 32, 3]:
-    CBAMCNN's [n, 16, 16], [n, 8, 8], [n, 4, 4], found by name for any model."""
-    _, inter = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                              normalize(images), train=False, mutable=["intermediates"])
-    return [gate[..., 0] for path, gate in jax.tree_util.tree_leaves_with_path(inter)
-            if any(getattr(k, "key", None) == "spatial_attention" for k in path)]
-
-
 # --- the run ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -387,9 +378,6 @@ class FitResult:
         return self.history.test_acc[-1]
 
 
-RUN_RECORD = "run.json"  # the run's settings, written when it starts: what --resume checks
-
-
 def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: bool = False,
         mesh=None, log: Callable[[str], None] = print, progress_stream=None) -> FitResult:
     """The tutorial's training run: epochs of training then evaluation, the plateau schedule on
@@ -427,7 +415,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
     elif resume:
         log(f"No checkpoint in {checkpoints.directory} yet: starting {run_dir} from epoch 1")
     elif primary:
-        _write_run_record(run_dir, config, dataset.name)
+        _write_run_record(run_dir, config, dataset.name, mesh.size)
 
     book = None
     if primary:  # on resume, the logbook drops what the killed run wrote after its checkpoint
@@ -458,6 +446,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
                                                                             result.test_acc)
             checkpoints.save(epoch + 1, state, {
                 "epoch": epoch + 1, "dataset": dataset.name, "config": dataclasses.asdict(config),
+                "devices": mesh.size,  # scripts/evaluate.py repeats the test loss on as many
                 "plateau": plateau._asdict(), "history": dataclasses.asdict(history),
                 "best_test_acc": best_test_acc}, is_best=is_best)
             log(_epoch_line(result, config.epochs, plateau.lr))
@@ -493,11 +482,12 @@ def _check_resumable(config: TrainConfig, dataset_name: str, run_dir: Path, chec
             + ", ".join(f"{k}: {v[0]!r} != {v[1]!r}" for k, v in changed.items()))
 
 
-def _write_run_record(run_dir: Path, config: TrainConfig, dataset_name: str) -> None:
+def _write_run_record(run_dir: Path, config: TrainConfig, dataset_name: str,
+                      devices: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / (RUN_RECORD + ".tmp")
-    tmp.write_text(json.dumps({"config": dataclasses.asdict(config), "dataset": dataset_name},
-                              indent=1) + "\n")
+    tmp.write_text(json.dumps({"config": dataclasses.asdict(config), "dataset": dataset_name,
+                               "devices": devices}, indent=1) + "\n")
     os.replace(tmp, run_dir / RUN_RECORD)  # a kill leaves the old record or the new one
 
 

@@ -1,0 +1,276 @@
+"""Use a trained model: load a checkpoint, predict top-k classes, read CBAM's attention maps,
+export the eval-mode model as StableHLO.
+
+    trained = load_checkpoint("runs/CBAM_CNN_experiment")       # checkpoints/best of a run
+    result = predict(trained.state, images, top_k=3)            # images: uint8 [n, 32, 32, 3]
+    maps = attention_maps(trained.state, images)                # [n, 16, 16], [n, 8, 8], ...
+
+The functions take a model's eval state: anything with Linen's `apply_fn`, `params` and
+`batch_stats`, i.e. the `InferenceState` of `load_checkpoint` or the `TrainState` of
+`cbam_jax.train.fit`. How a model is called lives in one place, `apply_eval`: another model
+family (flax.nnx) is one more branch there, and no caller changes. `scripts/evaluate.py`,
+`predict.py` and `export.py` are the command lines over this module; a tutorial `.pth` loads
+through `parity.load_checkpoint`, which needs torch.
+"""
+import dataclasses
+import functools
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cbam_jax import distributed
+from cbam_jax.augment import check_images, normalize
+from cbam_jax.data import CLASS_NAMES, IMAGE_SHAPE
+from cbam_jax.loader import pad_to_batches
+from cbam_jax.recipe import RUN_RECORD, TrainConfig
+from cbam_jax.registry import create_model
+
+DEFAULT_BATCH_SIZE = 64  # the tutorial's; the batch size changes the speed, not the answers
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder of images is searched for
+
+
+@flax.struct.dataclass
+class InferenceState:
+    """A model in eval mode: how to apply it, and its variables. `TrainState` has the same three
+    fields, so every function here takes either."""
+
+    apply_fn: Callable = flax.struct.field(pytree_node=False)
+    params: Any
+    batch_stats: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A checkpoint loaded for inference, and what its run recorded about it."""
+
+    state: InferenceState
+    config: TrainConfig         # the run's settings: model, dtype, batch size, ...
+    dataset: str                # the data set it was trained on: 'cifar10' or 'digits'
+    source: Path                # the step directory or .pth file it was read from
+    epoch: int | None = None    # the epoch that wrote it (None: not recorded, e.g. a .pth)
+    devices: int | None = None  # how many devices the run split each batch over (None: unknown)
+    recorded: Mapping | None = None  # that epoch's {'test_loss', 'test_acc'}, as the run logged
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return CLASS_NAMES[self.dataset]
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def find_run_dir(path) -> Path | None:
+    """The run directory (the folder with `run.json`) that `path` belongs to: the run
+    directory itself, a checkpoint in it, or a file in it; None if there is none."""
+    path = Path(path).absolute()
+    folder = path if path.is_dir() else path.parent
+    return next((p for p in (folder, *list(folder.parents)[:3])  # run/checkpoints/best/<step>
+                 if (p / RUN_RECORD).is_file()), None)
+
+
+def read_run_record(path) -> dict | None:
+    """The `run.json` of the run that `path` belongs to (`find_run_dir`), or None. Plain JSON:
+    no JAX backend starts, so a CPU device count can still be set from it."""
+    run_dir = find_run_dir(path)
+    return None if run_dir is None else json.loads((run_dir / RUN_RECORD).read_text())
+
+
+def config_of(record: Mapping | None) -> TrainConfig:
+    """The TrainConfig of a run record or checkpoint record (its 'config'); the recipe's
+    defaults without one. Settings this version does not know are ignored."""
+    saved = (record or {}).get("config", {})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def load_checkpoint(path, *, which: str = "best", mesh=None, dtype: str | None = None,
+                    dataset: str | None = None) -> TrainedModel:
+    """The model of an orbax checkpoint written by `cbam_jax.train.fit`, ready for inference.
+
+    `path`: a run directory or its `checkpoints/` (`which`: 'best' or 'latest'), a `best/` or
+    `latest/` directory (its newest step), or a step directory. The checkpoint's record names
+    the model, its compute dtype (`dtype` overrides it) and its data set (a `dataset` given,
+    as for a `.pth` in `parity.load_checkpoint`, must be that one). Only the variables are
+    read; they are placed on every device of `mesh`, else on the default device.
+    """
+    from cbam_jax.checkpoint import read_meta, restore_variables, step_directory  # orbax
+
+    if Path(path).suffix == ".pth":
+        raise ValueError(f"{path} is a PyTorch state_dict: load it with parity.load_checkpoint, "
+                         f"which needs torch (pip install -e '.[parity]')")
+    step_dir = step_directory(path, which)
+    meta = read_meta(step_dir)
+    if dataset is not None and dataset != meta["dataset"]:
+        raise ValueError(f"{step_dir} was trained on {meta['dataset']}, not {dataset}")
+    config, dataset = config_of(meta), meta["dataset"]
+    model = model_of(config, dataset, dtype)
+    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                            jnp.zeros((1, *IMAGE_SHAPE), jnp.float32))
+    sharding = (distributed.replicated(mesh) if mesh is not None
+                else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    target = {collection: jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes[collection])
+        for collection in ("params", "batch_stats")}
+    variables = restore_variables(step_dir, target)
+    history = meta["history"]
+    return TrainedModel(
+        InferenceState(model.apply, variables["params"], variables["batch_stats"]), config,
+        dataset, step_dir, epoch=meta["epoch"], devices=meta.get("devices"),
+        recorded={"test_loss": history["test_loss"][-1], "test_acc": history["test_acc"][-1]})
+
+
+def model_of(config: TrainConfig, dataset: str, dtype: str | None = None):
+    """The Linen model a run trained: `config.model` for the data set's classes, computing in
+    `dtype` (default `config.dtype`); jnp's dtype of that name, as `cbam_jax.train.build`."""
+    if dataset not in CLASS_NAMES:
+        raise ValueError(f"unknown data set {dataset!r}: expected one of "
+                         f"{', '.join(CLASS_NAMES)}")
+    return create_model(config.model, len(CLASS_NAMES[dataset]),
+                        getattr(jnp, dtype or config.dtype))
+
+
+def from_variables(variables: Mapping, *, config: TrainConfig, dataset: str, source,
+                   mesh=None, dtype: str | None = None,
+                   devices: int | None = None) -> TrainedModel:
+    """A TrainedModel of variables ({'params', 'batch_stats'}) read elsewhere, e.g. from a
+    `.pth` by `parity.load_checkpoint`; placed as `load_checkpoint` places them."""
+    model = model_of(config, dataset, dtype)
+    variables = (distributed.put_replicated(dict(variables), mesh) if mesh is not None
+                 else jax.device_put(dict(variables)))
+    return TrainedModel(InferenceState(model.apply, variables["params"],
+                                       variables["batch_stats"]),
+                        config, dataset, Path(source), devices=devices)
+
+
+def load_image(path) -> np.ndarray:
+    """An image file as the model's input, uint8 [32, 32, 3], as it is prepared for prediction.
+
+    Pillow reads it (PNG, JPEG, ...), turns it upright by its EXIF orientation, converts it to
+    RGB (grey is copied to three channels, alpha is dropped) and resizes it to 32x32 with its
+    bilinear filter, ignoring the aspect ratio; shrinking, that filter is antialiased (each
+    pixel averages its whole footprint). The test transform (`normalize`) is applied later, as
+    for the data sets' images. ValueError names a file that is not a readable image.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError  # the train extra (matplotlib's)
+
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            size = (IMAGE_SHAPE[1], IMAGE_SHAPE[0])  # Pillow's (width, height)
+            return np.asarray(image.resize(size, Image.Resampling.BILINEAR), np.uint8)
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file that Pillow can read (expected PNG or "
+                         f"JPEG)") from None
+    except (OSError, Image.DecompressionBombError) as e:  # missing, unreadable, truncated
+        raise ValueError(f"{path}: cannot be read: {e}") from None
+
+
+# --- the eval-mode forward -------------------------------------------------------------------
+
+def apply_eval(state, x):
+    """Eval-mode logits [B, K] and the sown intermediates of normalised images x [B, 32, 32, 3].
+
+    The one place that knows how a model is called: Linen's `apply_fn` with its variables.
+    A flax.nnx model would be one more branch here (its sown values are `nnx.Intermediate`s).
+    """
+    return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x,
+                          train=False, mutable=["intermediates"])
+
+
+def spatial_gates(intermediates) -> list:
+    """Every CBAM spatial gate sown in `intermediates` (as 'spatial_attention', [B, H, W, 1]),
+    in the order the blocks ran, as [B, H, W]. Found by name, so any CBAM model has them."""
+    gates = []
+
+    def walk(node):
+        for name, value in node.items():  # Flax keeps the order in which modules sowed
+            if name == "spatial_attention":
+                gates.extend(gate[..., 0] for gate in value)  # sow appends to a tuple
+            elif isinstance(value, Mapping):
+                walk(value)
+
+    walk(intermediates)
+    return gates
+
+
+@jax.jit
+def eval_logits(state, x):
+    """Eval-mode logits [B, K] (float32) of normalised images x [B, 32, 32, 3]."""
+    return apply_eval(state, x)[0]
+
+
+@jax.jit
+def attention_maps(state, images) -> list:
+    """Each CBAM block's spatial gate in eval mode, for uint8 images [n, 32, 32, 3]:
+    CBAMCNN's [n, 16, 16], [n, 8, 8], [n, 4, 4]."""
+    return spatial_gates(apply_eval(state, normalize(images))[1])
+
+
+class Prediction(NamedTuple):
+    classes: np.ndarray          # int32 [n, k]: the k most probable classes, most probable first
+    probabilities: np.ndarray    # float32 [n, k]: their softmax probabilities
+    attention: list              # each CBAM block's spatial gate, float32 [n, h, w]; [] unasked
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "with_attention"))
+def predict_batch(state, images, *, top_k: int, with_attention: bool):
+    """One compiled eval-mode step on uint8 images [B, 32, 32, 3]: (classes, probabilities,
+    spatial gates or [])."""
+    logits, intermediates = apply_eval(state, normalize(images))
+    if top_k > logits.shape[-1]:  # shapes are known while tracing: fail before compiling
+        raise ValueError(f"top_k: expected 1 to {logits.shape[-1]} (the model's classes), "
+                         f"got {top_k}")
+    probabilities, classes = jax.lax.top_k(jax.nn.softmax(logits), top_k)
+    return classes, probabilities, spatial_gates(intermediates) if with_attention else []
+
+
+def predict(state, images, *, top_k: int = 3, batch_size: int = DEFAULT_BATCH_SIZE,
+            attention: bool = False) -> Prediction:
+    """The top-k classes and probabilities of uint8 images [n, 32, 32, 3] (as the data sets
+    hold them: the test transform is applied here), `batch_size` at a time; with `attention`,
+    each CBAM block's spatial gate too.
+
+    The last batch is padded, so one shape compiles for any n; eval mode uses running
+    statistics, so the padding cannot change the real rows. Batches are dispatched without
+    waiting, and read back once at the end.
+    """
+    images = np.asarray(images)
+    check_images(images)
+    for name, value in (("top_k", top_k), ("batch_size", batch_size)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    n = len(images)
+    padded, _, _ = pad_to_batches(images, np.zeros(n, np.int32), batch_size)
+    outputs = jax.device_get([
+        predict_batch(state, padded[i:i + batch_size], top_k=top_k, with_attention=attention)
+        for i in range(0, len(padded), batch_size)])
+    if not outputs:  # no images
+        return Prediction(np.zeros((0, top_k), np.int32), np.zeros((0, top_k), np.float32), [])
+    classes, probabilities, gates = zip(*outputs)
+    return Prediction(np.concatenate(classes)[:n], np.concatenate(probabilities)[:n],
+                      [np.concatenate(block)[:n] for block in zip(*gates)])
+
+
+# --- export ----------------------------------------------------------------------------------
+
+def export_stablehlo(state, platforms: tuple[str, ...] | None = None) -> bytes:
+    """The eval-mode model as serialized StableHLO (`jax.export`), its variables inside: a
+    function of normalised float32 images [batch, 32, 32, 3], any batch, to float32 logits
+    [batch, K]. `platforms` it is lowered for (default: this backend), e.g. ('cpu', 'cuda').
+
+    Reload and run it with JAX alone: `jax.export.deserialize(blob).call(x)`. With the
+    variables as constants, XLA folds part of the arithmetic (BatchNorm's scale and shift)
+    when it compiles, so the logits agree with `eval_logits` to float32 rounding, not bitwise.
+    """
+    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    constant_state = state.replace(**variables)
+    batch, = jax.export.symbolic_shape("batch")
+    exported = jax.export.export(jax.jit(lambda x: eval_logits(constant_state, x)),
+                                 platforms=platforms)(
+        jax.ShapeDtypeStruct((batch, *IMAGE_SHAPE), jnp.float32))
+    return exported.serialize()
