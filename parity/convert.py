@@ -9,12 +9,14 @@ import dataclasses
 import functools
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+from cbam_jax import inference
 from cbam_jax.data import IMAGE_SHAPE
 from cbam_jax.models import BLOCK_CHANNELS, CBAMCNN
 from cbam_jax.naming import torch_style_name
@@ -167,3 +169,20 @@ def load_pth(path) -> dict:
     """Read a tutorial `.pth` state_dict into CBAMCNN variables."""
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     return torch_to_flax(state_dict)
+
+
+def load_checkpoint(path, *, dataset: str | None = None, **kwargs) -> inference.TrainedModel:
+    """`cbam_jax.inference.load_checkpoint` (same keywords), and a tutorial `.pth` too.
+
+    A `.pth` holds weights only: the `run.json` of the run it sits in (scripts/train.py writes
+    it into the run directory) names the data set and settings; without one, `dataset` (default
+    CIFAR-10, the tutorial's) and the recipe's defaults. `dataset` overrides the record's.
+    """
+    if Path(path).suffix != ".pth":
+        return inference.load_checkpoint(path, dataset=dataset, **kwargs)
+    kwargs.pop("which", None)  # a .pth is one model
+    record = inference.read_run_record(path) or {}
+    return inference.from_variables(
+        load_pth(path), config=inference.config_of(record),
+        dataset=dataset or record.get("dataset", "cifar10"), source=path,
+        devices=record.get("devices"), **kwargs)
