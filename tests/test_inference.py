@@ -1,0 +1,276 @@
+"""Using a trained model: `cbam_jax.inference`, `scripts/evaluate.py`, `predict.py` and
+`export.py` (StableHLO, and ONNX through `parity.onnx_export`), all on ONE short digits run.
+
+The run is `scripts/train.py --dataset digits --epochs 1` in a subprocess, as a user trains it
+(on a CPU host it splits each batch over one device per core), shared by every test here.
+Runtime, measured on the shared 2-core machine: 3 min 22 s at a load average of 12 (of which
+the training subprocess 123 s, the evaluate subprocess 16 s, the StableHLO export and reload
+15 s, the ONNX export 13 s); the training subprocess alone took 50 s at a load of 5.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from cbam_jax import inference, train
+from cbam_jax.augment import normalize
+from cbam_jax.checkpoint import read_meta, step_directory
+from cbam_jax.data import load_dataset
+from parity import load_checkpoint as load_any_checkpoint
+from parity.onnx_export import check_onnx, onnx_ops
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+BATCH_SIZE = 32  # the run's; 1437 digits = 44 * 32 + 29
+
+
+def run_script(name, *args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), SCRIPTS / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One epoch on digits through scripts/train.py: run.json, checkpoints, the .pth."""
+    jax.devices()  # this process keeps its device count: the scripts below cannot change it
+    run_dir = tmp_path_factory.mktemp("inference") / "run"
+    result = run_script("train.py", "--dataset", "digits", "--epochs", 1, "--batch-size",
+                        BATCH_SIZE, "--log-every", 1000, "--hist-every", 1000,
+                        "--no-compile-cache", "--run-dir", run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def logged(run_dir):
+    """What the run logged for its epoch: (test loss, test accuracy, devices)."""
+    meta = read_meta(step_directory(run_dir, "latest"))
+    return meta["history"]["test_loss"][-1], meta["history"]["test_acc"][-1], meta["devices"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def trained(run_dir):
+    return inference.load_checkpoint(run_dir)
+
+
+# --- evaluate --------------------------------------------------------------------------------
+
+def test_evaluate_reproduces_the_runs_test_loss_and_accuracy_exactly(run_dir, logged,
+                                                                     tmp_path):
+    result = run_script("evaluate.py", run_dir, "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    test_loss, test_acc, devices = logged
+    assert report["devices"] == devices == json.loads((run_dir / "run.json").read_text())[
+        "devices"]
+    assert report["test_loss"] == test_loss  # bit for bit, not approximately
+    assert report["test_acc"] == test_acc
+    assert f"Test loss: {test_loss!r}  (the run logged {test_loss!r} for epoch 1: equal)" \
+        in result.stdout
+    assert "Confusion matrix (rows: true class, columns: predicted):" in result.stdout
+    matrix = np.array(report["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 360
+    assert 100.0 * np.trace(matrix) / 360 == pytest.approx(test_acc, abs=1e-9)
+    per_class = [report["per_class_acc"][str(d)] for d in range(10)]
+    np.testing.assert_allclose(per_class, 100.0 * np.diag(matrix) / matrix.sum(1))
+    assert Image.open(tmp_path / "confusion_matrix.png").format == "PNG"
+
+
+def test_evaluate_reads_the_runs_pth_with_the_run_json_beside_it(run_dir, logged, tmp_path,
+                                                                   capsys):
+    """In this process (one CPU device against the run's per-core split): the same accuracy,
+    and the loss to float32 rounding."""
+    code = load_script("evaluate.py").main([str(run_dir / "digits_cbam_cnn_model.pth"),
+                                            "--out-dir", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    test_loss, test_acc, _ = logged
+    assert report["dataset"] == "digits" and report["epoch"] is None
+    assert report["test_acc"] == test_acc
+    assert report["test_loss"] == pytest.approx(test_loss, rel=1e-6)
+
+
+# --- the library -----------------------------------------------------------------------------
+
+def test_every_way_to_name_a_checkpoint_finds_the_same_step(run_dir):
+    step = run_dir / "checkpoints" / "best" / "1"
+    for path in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "best", step):
+        assert step_directory(path) == step
+    assert step_directory(run_dir, "latest") == run_dir / "checkpoints" / "latest" / "1"
+
+
+def test_what_is_not_a_checkpoint_gets_a_clear_error(run_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory; expected a run directory"):
+        inference.load_checkpoint(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint: expected a run"):
+        inference.load_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="PyTorch state_dict: load it with parity"):
+        inference.load_checkpoint(run_dir / "digits_cbam_cnn_model.pth")
+    with pytest.raises(ValueError, match="which: expected 'best' or 'latest'"):
+        inference.load_checkpoint(run_dir, which="last")
+
+
+def test_a_checkpoint_and_the_runs_pth_hold_the_same_model(run_dir, trained):
+    from_pth = load_any_checkpoint(run_dir / "digits_cbam_cnn_model.pth")
+    assert (trained.dataset, trained.epoch, trained.config.batch_size) == ("digits", 1, 32)
+    assert trained.class_names == tuple("0123456789")
+    leaves = jax.tree.leaves((trained.state.params, trained.state.batch_stats))
+    pth_leaves = jax.tree.leaves((from_pth.state.params, from_pth.state.batch_stats))
+    assert all(np.array_equal(a, b) for a, b in zip(leaves, pth_leaves, strict=True))
+
+
+def test_predict_gives_the_top_classes_and_every_cbam_gate(trained, digits):
+    images = digits.test_images[:70]  # three batches of 32, the last one padded
+    result = inference.predict(trained.state, images, top_k=3, batch_size=BATCH_SIZE,
+                               attention=True)
+    assert result.classes.shape == result.probabilities.shape == (70, 3)
+    assert np.all(np.diff(result.probabilities, axis=1) <= 0)  # most probable first
+    logits = np.asarray(inference.eval_logits(trained.state, normalize(images)))
+    np.testing.assert_array_equal(result.classes[:, 0], logits.argmax(1))
+    assert [g.shape for g in result.attention] == [(70, 16, 16), (70, 8, 8), (70, 4, 4)]
+    assert all(0 < g.min() and g.max() < 1 for g in result.attention)  # sigmoid gates
+    maps = inference.attention_maps(trained.state, images[:8])
+    for gate, block in zip(maps, result.attention, strict=True):
+        np.testing.assert_allclose(gate, block[:8], atol=1e-6)
+    assert train.attention_maps is inference.attention_maps  # fit draws the same maps
+    with pytest.raises(ValueError, match="top_k: expected 1 to 10"):
+        inference.predict(trained.state, images, top_k=11, batch_size=BATCH_SIZE)
+
+
+def test_gates_are_found_by_name_at_any_depth_in_the_order_the_blocks_ran():
+    """As a CBAM-ResNet sows them; sorted names would put 'layer10' before 'layer9'."""
+    def block(value):
+        return {"cbam": {"spatial_attn": {"spatial_attention": (np.full((1, 2, 2, 1), value),)}}}
+
+    gates = inference.spatial_gates({"layer9_0": block(1.0), "layer10_0": block(2.0),
+                                     "head": {"other": (np.zeros((1, 2, 2, 1)),)}})
+    assert [g.shape for g in gates] == [(1, 2, 2), (1, 2, 2)]
+    assert [g[0, 0, 0] for g in gates] == [1.0, 2.0]
+
+
+# --- predict ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def image_folder(digits, tmp_path_factory):
+    """Test images 0-2 as 32x32 PNGs, image 3 as a 96x96 JPEG, and a file that is no image."""
+    folder = tmp_path_factory.mktemp("images")
+    for i in range(3):
+        Image.fromarray(digits.test_images[i]).save(folder / f"digit{i}.png")
+    Image.fromarray(digits.test_images[3]).resize((96, 96), Image.Resampling.NEAREST).save(
+        folder / "digit3.jpg", quality=95)
+    (folder / "notes.png").write_text("not an image")
+    return folder
+
+
+def test_predict_writes_a_figure_per_image_and_reports_bad_inputs(run_dir, trained, digits,
+                                                                   image_folder, tmp_path,
+                                                                   capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "figures"
+    code = load_script("predict.py").main([
+        str(run_dir), str(image_folder), str(empty), str(tmp_path / "missing.png"),
+        "--out-dir", str(out), "--batch-size", str(BATCH_SIZE), "--top-k", "2"])
+    captured = capsys.readouterr()
+    assert code == 1  # some inputs failed; the others still ran
+    assert f"{image_folder / 'notes.png'}: not an image file that Pillow can read" \
+        in captured.err
+    assert f"{empty}: a folder with no .png, .jpg, .jpeg files" in captured.err
+    assert f"{tmp_path / 'missing.png'}: no such file or folder" in captured.err
+    assert "3 input(s) failed, 4 image(s) predicted" in captured.err
+    figures = sorted(p.name for p in out.iterdir())
+    assert figures == ["digit0_png_attention.png", "digit1_png_attention.png",
+                       "digit2_png_attention.png", "digit3_jpg_attention.png"]
+    assert all(Image.open(out / name).format == "PNG" for name in figures)
+    # A lossless 32x32 file is the test image itself: the same top classes and probabilities.
+    expected = inference.predict(trained.state, digits.test_images[:3], top_k=2,
+                                 batch_size=BATCH_SIZE)
+    lines = dict(line.split(": ", 1) for line in captured.out.splitlines() if ": " in line)
+    for i in range(3):
+        assert lines[str(image_folder / f"digit{i}.png")] == ", ".join(
+            f"{c} {p:.3f}" for c, p in zip(expected.classes[i], expected.probabilities[i]))
+    assert str(image_folder / "digit3.jpg") in lines
+
+
+def test_predict_exits_0_when_every_image_is_read(run_dir, image_folder, tmp_path, capsys):
+    code = load_script("predict.py").main([str(run_dir), str(image_folder / "digit3.jpg"),
+                                           "--no-figures", "--out-dir", str(tmp_path / "no")])
+    assert code == 0 and not (tmp_path / "no").exists()
+    assert capsys.readouterr().out.startswith(f"{image_folder / 'digit3.jpg'}: ")
+
+
+def test_predict_help_states_the_interpolation():
+    result = run_script("predict.py", "--help")
+    assert result.returncode == 0 and "bilinear" in result.stdout
+
+
+# --- export ----------------------------------------------------------------------------------
+
+# Runs the artifact with JAX alone: importing cbam_jax in this process fails.
+RELOAD = """
+import sys
+sys.modules["cbam_jax"] = None
+import jax, numpy as np
+exported = jax.export.deserialize(open(sys.argv[1], "rb").read())
+inputs = np.load(sys.argv[2])
+np.savez(sys.argv[3], **{k: np.asarray(exported.call(inputs[k])) for k in inputs.files})
+print(exported.in_avals[0], "->", exported.out_avals[0])
+"""
+
+
+def test_stablehlo_runs_without_the_project_and_agrees_with_jax(run_dir, trained, digits,
+                                                                 tmp_path):
+    artifact = tmp_path / "model.stablehlo"
+    script = load_script("export.py")
+    assert script.main([str(run_dir), "--out", str(artifact)]) == 0
+    inputs = {"one": np.asarray(normalize(digits.test_images[:1])),
+              "seven": np.asarray(normalize(digits.test_images[1:8]))}
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    result = subprocess.run([sys.executable, "-c", RELOAD, artifact, tmp_path / "inputs.npz",
+                             tmp_path / "logits.npz"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "float32[batch,32,32,3] -> float32[batch,10]" in result.stdout
+    logits = np.load(tmp_path / "logits.npz")
+    for name, x in inputs.items():
+        expected = np.asarray(inference.eval_logits(trained.state, x))
+        # XLA folds the constant variables at compile time: rounding-level differences.
+        np.testing.assert_allclose(logits[name], expected, rtol=0, atol=script.STABLEHLO_ATOL
+                                   + script.STABLEHLO_RTOL * np.abs(expected).max())
+
+
+def test_onnx_export_meets_standard_ops_and_agrees_with_jax(run_dir, trained, digits,
+                                                            tmp_path, capsys):
+    artifact = tmp_path / "model.onnx"
+    assert load_script("export.py").main([str(run_dir), "--format", "onnx", "--out",
+                                          str(artifact)]) == 0
+    assert "Check on 16 random images against the JAX model: ok" in capsys.readouterr().out
+    ops = onnx_ops(artifact)
+    # The adaptive pools are global pools at a fixed shape: ReduceMean / ReduceMax over H, W.
+    assert set(ops) == {"Conv", "Relu", "MaxPool", "ReduceMean", "ReduceMax", "Gemm",
+                        "Reshape", "Sigmoid", "Mul", "Add", "Concat"}
+    assert ops["ReduceMean"] == ops["ReduceMax"] == 6 and ops["MaxPool"] == 3
+    x = np.asarray(normalize(digits.test_images[:7]))  # another batch than the export's
+    check = check_onnx(artifact, x, np.asarray(inference.eval_logits(trained.state, x)))
+    assert check.passed, (check.max_abs, check.tol)
