@@ -4,8 +4,8 @@
 The ONNX model is the tutorial's network, with PyTorch's conventions: float32 images after the
 test transform (ToTensor + Normalize), NCHW [batch, 3, 32, 32] with any batch, to logits
 [batch, 10], always in float32. Its adaptive pools are global pools at fixed shapes, so the
-exporter meets only standard ONNX ops (docs/architecture.md lists them). Needs the `export`
-extra (onnx, onnxscript, onnxruntime) besides torch.
+exporter meets only standard ONNX ops (listed in the README, "Use a trained model"). Needs the
+`export` extra (onnx, onnxscript, onnxruntime) besides torch.
 """
 from collections import Counter
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Classify your own images and see where CBAM looks: `python scripts/predict.py CHECKPOINT IMAGE...`
+"""Classify your own images, see where CBAM looks: `python scripts/predict.py CHECKPOINT IMAGE...`
 
 IMAGE is a PNG or JPEG file, or a folder (its *.png, *.jpg, *.jpeg files). Each image is turned
 upright by its EXIF orientation, converted to RGB and resized to 32x32 with Pillow's bilinear
