@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="images per compiled step (changes the speed, not the answers)")
     p.add_argument("--out-dir", default="predictions", help="where the figures go")
     p.add_argument("--no-figures", action="store_true",
-                   help="print the classes only (matplotlib writes ~10 figures/s)")
+                   help="print the classes only: the figures (matplotlib) are the slow part")
     return p.parse_args(argv)
 
 
