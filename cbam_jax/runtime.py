@@ -40,7 +40,23 @@ def set_cpu_devices(n: int) -> bool:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:  # backends already initialised (e.g. called twice in one process)
         return False
+    if n > 1:
+        _patient_cpu_collectives()
     return True
+
+
+# XLA:CPU aborts the process when one device reaches an all-reduce more than 40 s before the
+# others. On an overloaded host (seen here at load average 11-13, two devices on two cores) a
+# device can lag that long without anything being wrong, and the run died mid-epoch; wait up
+# to 10 minutes instead (XLA still warns after 20 s that a device may be stuck).
+_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
+COLLECTIVE_TIMEOUT_S = 600
+
+
+def _patient_cpu_collectives() -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _COLLECTIVE_TIMEOUT_FLAG not in flags:  # read when the CPU backend starts
+        os.environ["XLA_FLAGS"] = f"{flags} {_COLLECTIVE_TIMEOUT_FLAG}={COLLECTIVE_TIMEOUT_S}".strip()
 
 
 def default_cache_dir() -> Path:
