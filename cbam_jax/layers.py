@@ -55,10 +55,8 @@ class ChannelAttention(nn.Module):
         ops.check_names(self.pool_types, ops.CHANNEL_POOLS, "ChannelAttention.pool_types")
         channels = x.shape[-1]
         built_for = self.variables.get("params", {}).get("fc_0", {}).get("kernel")
-        if built_for is not None and built_for.shape[0] != channels:
-            raise ValueError(
-                f"ChannelAttention params were built for {built_for.shape[0]} channels: expected "
-                f"input [B, H, W, {built_for.shape[0]}], got {x.shape}")
+        if built_for is not None:
+            ops.check_channels(x, built_for.shape[0], "ChannelAttention")
         hidden = ops.reduced_width(channels, self.ratio, self.hidden_features, self.min_hidden,
                                    self.rd_round)
         dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
