@@ -133,10 +133,7 @@ class CBAM(nn.Module):
     @classmethod
     def preset(cls, variant: str, /, **overrides) -> "CBAM":
         """A CBAM configured as one of `CBAM_PRESETS` ('tutorial', 'official', 'timm')."""
-        if variant not in CBAM_PRESETS:
-            raise ValueError(f"unknown CBAM preset {variant!r}: expected one of "
-                             f"{sorted(CBAM_PRESETS)}")
-        return cls(**{**CBAM_PRESETS[variant], **overrides})
+        return cls(**preset_options(variant, **overrides))
 
     @nn.compact
     def __call__(self, x, train: bool = False):  # x: [B, H, W, C]
@@ -169,6 +166,14 @@ CBAM_PRESETS = {
     # BatchNorm2d eps 1e-5, momentum 0.1).
     "timm": dict(rd_round="nearest", spatial_bn=True),
 }
+
+
+def preset_options(variant: str, /, **overrides) -> dict:
+    """The CBAM keywords of preset `variant`, with `overrides` on top (Linen and NNX alike)."""
+    if variant not in CBAM_PRESETS:
+        raise ValueError(f"unknown CBAM preset {variant!r}: expected one of "
+                         f"{sorted(CBAM_PRESETS)}")
+    return {**CBAM_PRESETS[variant], **overrides}
 
 
 class BatchNorm(nn.Module):
