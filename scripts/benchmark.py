@@ -1,7 +1,7 @@
 """Speed of the JAX engine against the tutorial's PyTorch pipeline, side by side in one process.
 
 Each section runs its contenders in interleaved repetitions (A B A B ...) and reports the median
-throughput of each and the median of the per-pair ratios, so that load on the machine moves
+throughput (the nnx section: time per step) of each and the median of the per-pair ratios, so that load on the machine moves
 both sides of a ratio alike. Synthetic uint8 CIFAR-shaped data: content does not change speed.
 
     python scripts/benchmark.py                      # all sections, CPU-sized (a few minutes)
@@ -9,7 +9,7 @@ both sides of a ratio alike. Synthetic uint8 CIFAR-shaped data: content does not
     python scripts/benchmark.py --sections step,eval --reps 9
     python scripts/benchmark.py --sections epoch --full-epoch   # 50,000 + 10,000 images
     python scripts/benchmark.py --full-recipe        # the 50-epoch JAX recipe (a GPU job)
-    python scripts/benchmark.py --sections nnx --reps 9     # flax.nnx's per-step overhead
+    python scripts/benchmark.py --sections nnx --reps 15    # flax.nnx's per-step overhead
 
 Writes a markdown table to stdout and `<out>/benchmark.md` and `<out>/benchmark.json`.
 """
