@@ -1,8 +1,9 @@
 """Speed of the JAX engine against the tutorial's PyTorch pipeline, side by side in one process.
 
 Each section runs its contenders in interleaved repetitions (A B A B ...) and reports the median
-throughput (the nnx section: time per step) of each and the median of the per-pair ratios, so that load on the machine moves
-both sides of a ratio alike. Synthetic uint8 CIFAR-shaped data: content does not change speed.
+throughput (the nnx section: time per step) of each and the median of the per-pair ratios, so
+that load on the machine moves both sides of a ratio alike. Synthetic uint8 CIFAR-shaped data:
+content does not change speed.
 
     python scripts/benchmark.py                      # all sections, CPU-sized (a few minutes)
     python scripts/benchmark.py --quick              # smaller, for a smoke run
@@ -33,9 +34,9 @@ from flax import nnx
 
 from cbam_jax import distributed, train
 from cbam_jax import nnx as cbam_nnx
-from cbam_jax.layers import CBAM
 from cbam_jax.augment import augment, normalize
 from cbam_jax.data import IMAGE_SHAPE, Dataset
+from cbam_jax.layers import CBAM
 from cbam_jax.loader import place_data
 
 SECTIONS = ("step", "eval", "augment", "epoch", "nnx")
