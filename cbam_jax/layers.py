@@ -55,10 +55,8 @@ class ChannelAttention(nn.Module):
         ops.check_names(self.pool_types, ops.CHANNEL_POOLS, "ChannelAttention.pool_types")
         channels = x.shape[-1]
         built_for = self.variables.get("params", {}).get("fc_0", {}).get("kernel")
-        if built_for is not None and built_for.shape[0] != channels:
-            raise ValueError(
-                f"ChannelAttention params were built for {built_for.shape[0]} channels: expected "
-                f"input [B, H, W, {built_for.shape[0]}], got {x.shape}")
+        if built_for is not None:
+            ops.check_channels(x, built_for.shape[0], "ChannelAttention")
         hidden = ops.reduced_width(channels, self.ratio, self.hidden_features, self.min_hidden,
                                    self.rd_round)
         dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -135,10 +133,7 @@ class CBAM(nn.Module):
     @classmethod
     def preset(cls, variant: str, /, **overrides) -> "CBAM":
         """A CBAM configured as one of `CBAM_PRESETS` ('tutorial', 'official', 'timm')."""
-        if variant not in CBAM_PRESETS:
-            raise ValueError(f"unknown CBAM preset {variant!r}: expected one of "
-                             f"{sorted(CBAM_PRESETS)}")
-        return cls(**{**CBAM_PRESETS[variant], **overrides})
+        return cls(**preset_options(variant, **overrides))
 
     @nn.compact
     def __call__(self, x, train: bool = False):  # x: [B, H, W, C]
@@ -171,6 +166,14 @@ CBAM_PRESETS = {
     # BatchNorm2d eps 1e-5, momentum 0.1).
     "timm": dict(rd_round="nearest", spatial_bn=True),
 }
+
+
+def preset_options(variant: str, /, **overrides) -> dict:
+    """The CBAM keywords of preset `variant`, with `overrides` on top (Linen and NNX alike)."""
+    if variant not in CBAM_PRESETS:
+        raise ValueError(f"unknown CBAM preset {variant!r}: expected one of "
+                         f"{sorted(CBAM_PRESETS)}")
+    return {**CBAM_PRESETS[variant], **overrides}
 
 
 class BatchNorm(nn.Module):

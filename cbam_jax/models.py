@@ -10,6 +10,15 @@ from cbam_jax.layers import CBAM, BatchNorm, torch_bias_init, torch_kernel_init
 from cbam_jax.ops import max_pool_2x2
 
 BLOCK_CHANNELS = (32, 64, 128)
+# fc1's input [H, W, C] = [4, 4, 128]: three 2x2 max-pools halve 32 to 4.
+FEATURE_SHAPE = (IMAGE_SHAPE[0] // 8, IMAGE_SHAPE[1] // 8, BLOCK_CHANNELS[-1])
+HIDDEN_FEATURES = 512  # fc1's width
+
+
+def check_input(x) -> None:
+    """CBAMCNN reads [batch, 32, 32, 3] (fc1's width is fixed by the image size)."""
+    if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(f"CBAMCNN expects input [batch, 32, 32, 3] (NHWC), got {x.shape}")
 
 
 class CBAMCNN(nn.Module):
@@ -28,8 +37,7 @@ class CBAMCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
-            raise ValueError(f"CBAMCNN expects input [batch, 32, 32, 3] (NHWC), got {x.shape}")
+        check_input(x)
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         in_channels = x.shape[-1]
         for i, channels in enumerate(BLOCK_CHANNELS, start=1):
@@ -41,9 +49,9 @@ class CBAMCNN(nn.Module):
             x = CBAM(name=f"cbam{i}", **dtypes)(x)
             in_channels = channels
         x = x.reshape(x.shape[0], -1)  # [B, 4 * 4 * 128], (H, W, C) order
-        x = nn.Dense(512, name="fc1", kernel_init=torch_kernel_init,
+        x = nn.Dense(HIDDEN_FEATURES, name="fc1", kernel_init=torch_kernel_init,
                      bias_init=torch_bias_init(x.shape[-1]), **dtypes)(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
         x = nn.Dense(self.num_classes, name="fc2", kernel_init=torch_kernel_init,
-                     bias_init=torch_bias_init(512), **dtypes)(x)
+                     bias_init=torch_bias_init(HIDDEN_FEATURES), **dtypes)(x)
         return x.astype(jnp.float32)

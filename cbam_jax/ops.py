@@ -1,7 +1,8 @@
 """The layers' arithmetic, once: pure array functions shared by the Linen layers (layers.py)
 and the NNX ones (nnx.py), so that the two front ends cannot drift apart.
 
-- checks of the input (NHWC, floating point, non-empty), of pool names and kernel sizes;
+- checks of the input (NHWC, floating point, non-empty, the channels the weights were built
+  for), of pool names and kernel sizes;
 - CBAM's pools, hidden-width rule and gating (`channel_attention`, `spatial_attention`);
 - BatchNorm with PyTorch's semantics (`batch_norm`: batch or running statistics, and the
   running-statistics update);
@@ -37,6 +38,14 @@ def check_nhwc(x, module: str) -> None:
     if 0 in shape[1:]:
         raise ValueError(f"{module} expects height, width and channels >= 1 in its NHWC input "
                          f"[batch, height, width, channels], got shape {tuple(shape)}")
+
+
+def check_channels(x, channels: int, module: str) -> None:
+    """Raise a ValueError naming the expected shape unless x has the `channels` its weights were
+    built for (a Linen module learns them at `init`, an NNX module at construction)."""
+    if x.shape[-1] != channels:
+        raise ValueError(f"{module} params were built for {channels} channels: expected input "
+                         f"[B, H, W, {channels}], got {tuple(x.shape)}")
 
 
 def check_names(names, allowed: dict, field: str) -> None:

@@ -31,6 +31,23 @@ fc_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 STEMS = ("imagenet", "cifar")
 
 
+def check_input(x, stem: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"CBAMResNet expects NHWC input [batch, height, width, channels], "
+                         f"got shape {x.shape}")
+    check_stem(stem)
+
+
+def check_stem(stem: str) -> None:
+    if stem not in STEMS:
+        raise ValueError(f"CBAMResNet.stem must be one of {STEMS}, got {stem!r}")
+
+
+def imagenet_stem_pool(x):
+    """The ImageNet stem's 3x3/2 max-pool with PyTorch's padding 1 (pads with -inf)."""
+    return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+
+
 def torch_conv(features: int, kernel: int, strides: int = 1, **kwargs) -> nn.Conv:
     """A bias-free conv with PyTorch's symmetric padding k // 2 ('SAME' would pad stride-2 convs
     unevenly) and torchvision's init."""
@@ -105,11 +122,7 @@ class CBAMResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        if x.ndim != 4:
-            raise ValueError(f"CBAMResNet expects NHWC input [batch, height, width, channels], "
-                             f"got shape {x.shape}")
-        if self.stem not in STEMS:
-            raise ValueError(f"CBAMResNet.stem must be one of {STEMS}, got {self.stem!r}")
+        check_input(x, self.stem)
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         conv = functools.partial(torch_conv, **dtypes)
         norm = functools.partial(BatchNorm, **dtypes)
@@ -121,7 +134,7 @@ class CBAMResNet(nn.Module):
             x = conv(64, 3, name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x, train))
         if self.stem == "imagenet":
-            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+            x = imagenet_stem_pool(x)
         for stage, blocks in enumerate(self.stage_sizes):
             for i in range(blocks):
                 x = self.block(64 * 2**stage, conv=conv, norm=norm, attn_layer=attn,

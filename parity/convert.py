@@ -18,12 +18,12 @@ import torch
 
 from cbam_jax import inference
 from cbam_jax.data import IMAGE_SHAPE
-from cbam_jax.models import BLOCK_CHANNELS, CBAMCNN
+from cbam_jax.models import CBAMCNN, FEATURE_SHAPE
 from cbam_jax.naming import torch_style_name
 from parity.reference import CBAM_CNN
 
-# fc1 reads the last CBAM's output [C, H, W] = [128, 4, 4]: three 2x2 pools halve 32 to 4.
-_FC1_INPUT_CHW = (BLOCK_CHANNELS[-1], IMAGE_SHAPE[0] // 8, IMAGE_SHAPE[1] // 8)
+# fc1 reads the last CBAM's output, [C, H, W] = [128, 4, 4] in PyTorch's layout.
+_FC1_INPUT_CHW = (FEATURE_SHAPE[2], FEATURE_SHAPE[0], FEATURE_SHAPE[1])
 
 
 @dataclasses.dataclass(frozen=True)

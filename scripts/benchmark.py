@@ -1,19 +1,22 @@
 """Speed of the JAX engine against the tutorial's PyTorch pipeline, side by side in one process.
 
 Each section runs its contenders in interleaved repetitions (A B A B ...) and reports the median
-throughput of each and the median of the per-pair ratios, so that load on the machine moves
-both sides of a ratio alike. Synthetic uint8 CIFAR-shaped data: content does not change speed.
+throughput (the nnx section: time per step) of each and the median of the per-pair ratios, so
+that load on the machine moves both sides of a ratio alike. Synthetic uint8 CIFAR-shaped data:
+content does not change speed.
 
     python scripts/benchmark.py                      # all sections, CPU-sized (a few minutes)
     python scripts/benchmark.py --quick              # smaller, for a smoke run
     python scripts/benchmark.py --sections step,eval --reps 9
     python scripts/benchmark.py --sections epoch --full-epoch   # 50,000 + 10,000 images
     python scripts/benchmark.py --full-recipe        # the 50-epoch JAX recipe (a GPU job)
+    python scripts/benchmark.py --sections nnx --reps 15    # flax.nnx's per-step overhead
 
 Writes a markdown table to stdout and `<out>/benchmark.md` and `<out>/benchmark.json`.
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -22,17 +25,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from cbam_jax import distributed, train
+from cbam_jax import nnx as cbam_nnx
 from cbam_jax.augment import augment, normalize
 from cbam_jax.data import IMAGE_SHAPE, Dataset
+from cbam_jax.layers import CBAM
 from cbam_jax.loader import place_data
 
-SECTIONS = ("step", "eval", "augment", "epoch")
+SECTIONS = ("step", "eval", "augment", "epoch", "nnx")
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 # CPU default for the epoch section: a slice of the epoch, scaled to images/s (see --full-epoch).
 CPU_EPOCH_TRAIN, CPU_EPOCH_TEST = 2_048, 512
@@ -349,6 +356,110 @@ def torch_epoch(n_train: int, n_test: int, batch: int = 64, workers: int = 0):
     return run
 
 
+# --- flax.nnx: what a step costs in Python -----------------------------------------------------
+
+# A model small enough that dispatch, not arithmetic, sets the pace: conv 3 -> 16, the official
+# CBAM (its BatchNorm makes each step update state as well as parameters), a linear head; the
+# same layers in Linen and in NNX.
+NNX_IMAGE = (16, 16, 3)
+
+
+class _LinenNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = CBAM.preset("official")(nn.relu(nn.Conv(16, (3, 3))(x)), train)
+        return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+class _NNXNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+        self.cbam = cbam_nnx.CBAM.preset("official", 16, rngs=rngs)
+        self.head = nnx.Linear(16, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.cbam(nnx.relu(self.conv(x))).mean(axis=(1, 2)))
+
+
+def _nnx_batch(batch: int):
+    return (jax.random.normal(jax.random.key(0), (batch, *NNX_IMAGE)),
+            jnp.asarray(synthetic_images(batch)[1]))
+
+
+def _microseconds_per_step(call, calls: int):
+    steps_per_second = _throughput(call, 1, calls, jax.block_until_ready)
+    return lambda: 1e6 / steps_per_second()
+
+
+def linen_jit_step(batch: int, calls: int):
+    """The Linen way: parameters, statistics and Adam's state in, new ones out, jax.jit."""
+    x, y = _nnx_batch(batch)
+    model, tx = _LinenNet(), optax.adam(1e-3)
+    variables = model.init(jax.random.key(0), x, train=False)
+    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, x, y):
+        params, batch_stats, opt_state = state
+
+        def loss_fn(params):
+            logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                          train=True, mutable=["batch_stats"])
+            return train.cross_entropy(logits, y), updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    holder = [state]
+
+    def call():
+        holder[0], loss = step(holder[0], x, y)
+        return loss
+    return _microseconds_per_step(call, calls)
+
+
+def nnx_train_step(model, optimizer, x, y):
+    """Flax's NNX step: the model and the optimizer are updated in place."""
+    def loss_fn(model):
+        return train.cross_entropy(model(x), y)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+nnx_jit_step = nnx.jit(nnx_train_step)  # one compiled program for 'nnx.jit' and 'cached'
+
+
+def nnx_step(batch: int, calls: int, mode: str):
+    """`nnx_train_step` under nnx.jit ('nnx.jit'), through nnx.cached_partial ('cached'), or
+    staged out by hand with nnx.split, jax.jit and nnx.merge ('split')."""
+    x, y = _nnx_batch(batch)
+    model = _NNXNet(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    if mode == "nnx.jit":
+        return _microseconds_per_step(lambda: nnx_jit_step(model, optimizer, x, y), calls)
+    if mode == "cached":
+        step = nnx.cached_partial(nnx_jit_step, model, optimizer)
+        return _microseconds_per_step(lambda: step(x, y), calls)
+
+    graphdef, state = nnx.split((model, optimizer))
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def split_step(graphdef, state, x, y):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss = nnx_train_step(model, optimizer, x, y)
+        return loss, nnx.state((model, optimizer))
+
+    holder = [state]
+
+    def call():
+        loss, holder[0] = split_step(graphdef, holder[0], x, y)
+        return loss
+    return _microseconds_per_step(call, calls)
+
+
 # --- sections --------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -365,6 +476,8 @@ class Plan:
     epoch_train: int = CPU_EPOCH_TRAIN
     epoch_test: int = CPU_EPOCH_TEST
     epoch_reps: int = 1
+    nnx_batch: int = 8
+    nnx_calls: int = 300
 
 
 def make_plan(quick: bool = False, reps: int | None = None, full_epoch: bool = False,
@@ -373,7 +486,8 @@ def make_plan(quick: bool = False, reps: int | None = None, full_epoch: bool = F
     plan = Plan(torch_compile=torch_compile)
     if quick:
         plan = dataclasses.replace(plan, reps=3, step_calls=4, eval_calls=4, augment_images=256,
-                                   epoch_train=512, epoch_test=256, torch_compile=False)
+                                   epoch_train=512, epoch_test=256, torch_compile=False,
+                                   nnx_calls=100)
     if not on_cpu or full_epoch:
         plan = dataclasses.replace(plan, epoch_train=CIFAR_TRAIN, epoch_test=CIFAR_TEST)
     if epoch_images is not None:
@@ -448,8 +562,20 @@ def full_recipe(epochs: int = 50, n_train: int = CIFAR_TRAIN, n_test: int = CIFA
             "epochs_completed": result.epochs_done}
 
 
+def section_nnx(plan: Plan) -> dict:
+    """Microseconds per Adam step of one small model, from a Python loop (what dispatch costs
+    when the arithmetic is cheap): Linen under jax.jit against the three NNX ways."""
+    contenders = {"linen jax.jit": linen_jit_step(plan.nnx_batch, plan.nnx_calls)}
+    for label, mode in (("nnx.jit", "nnx.jit"), ("nnx.cached_partial", "cached"),
+                        ("nnx.split + jax.jit + nnx.merge", "split")):
+        contenders[label] = nnx_step(plan.nnx_batch, plan.nnx_calls, mode)
+    size = "x".join(map(str, NNX_IMAGE[:2]))
+    return {f"batch {plan.nnx_batch} of {size}": summarize(interleave(contenders, plan.reps),
+                                                            "linen jax.jit", unit="us/step")}
+
+
 RUNNERS = {"step": section_step, "eval": section_eval, "augment": section_augment,
-           "epoch": section_epoch}
+           "epoch": section_epoch, "nnx": section_nnx}
 
 
 # --- output ----------------------------------------------------------------------------------

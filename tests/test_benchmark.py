@@ -18,7 +18,7 @@ _spec.loader.exec_module(benchmark)
 
 TINY = benchmark.Plan(reps=2, step_batches=(8,), step_calls=1, eval_batch=8, eval_calls=1,
                       torch_compile=False, augment_images=16, augment_workers=(0,),
-                      epoch_train=64, epoch_test=32, epoch_reps=1)
+                      epoch_train=64, epoch_test=32, epoch_reps=1, nnx_calls=3)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,10 @@ def test_every_section_reports_each_contender_per_repetition(report):
                   "torch tutorial loop (workers=0)", 1)
     assert epoch["extrapolated"] is True
     assert all(row["epoch_seconds_50k"] > 0 for row in epoch["rows"])
+    nnx_rows = sections["nnx"]["batch 8 of 16x16"]
+    _check_result(nnx_rows, ["linen jax.jit", "nnx.jit", "nnx.cached_partial",
+                             "nnx.split + jax.jit + nnx.merge"], "linen jax.jit", 2)
+    assert all(row["unit"] == "us/step" for row in nnx_rows["rows"])
 
 
 def test_report_names_device_versions_and_threads_and_serialises(report):

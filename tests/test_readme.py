@@ -45,7 +45,7 @@ def test_library_imports_without_torch():
             "    if name == 'torch' or name.startswith('torch.'): raise ImportError('no torch')\n"
             "    return real_import(name, *a, **k)\n"
             "builtins.__import__ = guard\n"
-            "import cbam_jax, cbam_jax.train\n"
+            "import cbam_jax, cbam_jax.train, cbam_jax.nnx\n"
             "print('ok')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=300)
