@@ -7,6 +7,8 @@ and 5 Adam steps. Exits 1 if any comparison fails.
 import argparse
 import sys
 
+import jax
+
 from parity.convert import flax_to_torch, load_pth, save_pth
 from parity.report import format_table, random_state_dict, run_report
 
@@ -17,6 +19,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pth", help="start from this CBAM_CNN state_dict (the tutorial's "
                         "torch.save(model.state_dict(), ...)) instead of random weights")
+    parser.add_argument("--device", default="cpu",
+                        help="where the PyTorch side runs, e.g. 'cuda' (the JAX side runs on "
+                             "JAX's default device: a GPU when jax[cuda] is installed)")
     parser.add_argument("--save-pth", help="write the JAX model's variables after the Adam "
                         "steps here, as a state_dict that CBAM_CNN loads with strict=True")
     args = parser.parse_args(argv)
@@ -27,8 +32,10 @@ def main(argv=None) -> int:
     state_dict = (flax_to_torch(load_pth(args.pth)) if args.pth
                   else random_state_dict(args.seed))
     print(f"start: {args.pth or f'random weights, seed {args.seed}'}; batch size "
-          f"{args.batch_size}; float32 on CPU")
-    rows, trained = run_report(state_dict, seed=args.seed, batch_size=args.batch_size)
+          f"{args.batch_size}; float32 (no TF32): JAX on {jax.default_backend()}, PyTorch on "
+          f"{args.device}")
+    rows, trained = run_report(state_dict, seed=args.seed, batch_size=args.batch_size,
+                               device=args.device)
     print(format_table(rows))
     if args.save_pth:
         save_pth(trained, args.save_pth)

@@ -1,7 +1,9 @@
 """Numeric comparisons of cbam_jax.CBAMCNN against the tutorial's CBAM_CNN, one row per tensor.
 
-Both models start from one state_dict (converted exactly); every comparison runs in float32 on
-CPU and, unless stated otherwise, passes when `max |jax - torch| <= atol + rtol * max |torch|`.
+Both models start from one state_dict (converted exactly); every comparison runs in float32 (the
+PyTorch side on CPU unless `device` says otherwise; `run_report` keeps both frameworks off TF32,
+see `float32_precision`) and, unless stated otherwise, passes when
+`max |jax - torch| <= atol + rtol * max |torch|`.
 The two sides reduce in different orders (XLA vs ATen convolutions, sums and matmuls), so they
 agree to float32 rounding amplified by depth, not bitwise. The tolerances below state what each comparison allows and why.
 Two places are discontinuous or ill-conditioned in exact arithmetic and are handled explicitly:
@@ -9,6 +11,7 @@ conv biases before a train-mode BatchNorm (zero gradient, ZERO_GRADIENT_PARAMS) 
 windows whose top two values tie within rounding (ADAM_UPDATE); a seed whose batch has such a
 tie can show a FAIL in the grad rows that is routing, not a bug: try another --seed.
 """
+import contextlib
 import dataclasses
 import functools
 from collections import OrderedDict
@@ -118,11 +121,30 @@ def random_batch(seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor
     return x, y
 
 
-def torch_model(state_dict, dropout: float = 0.5) -> CBAM_CNN:
+@contextlib.contextmanager
+def float32_precision():
+    """Full float32 arithmetic on both sides inside the block. On a GPU both frameworks may
+    otherwise run float32 matmuls and convolutions in TF32 (a 10-bit mantissa, ~1e-3 relative),
+    which would read as a parity failure; on CPU nothing changes."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def torch_model(state_dict, dropout: float = 0.5, device: str = "cpu") -> CBAM_CNN:
     model = CBAM_CNN()
     model.load_state_dict(state_dict, strict=True)
     model.dropout.p = dropout
-    return model
+    return model.to(device)
+
+
+def _on_cpu(tensors: dict) -> dict:
+    """A snapshot of {name: tensor}, copied to host memory (the model may live on a GPU)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
 
 
 # Modules compared activation by activation, in forward order; each has a Flax twin of the
@@ -164,11 +186,12 @@ def jax_activations(model: CBAMCNN, variables, x, train: bool, rng=None):
     return outputs, state["batch_stats"]
 
 
-def forward_comparisons(state_dict, x: torch.Tensor, train: bool) -> list[Comparison]:
+def forward_comparisons(state_dict, x: torch.Tensor, train: bool,
+                        device: str = "cpu") -> list[Comparison]:
     """Per-layer activations (and, in train mode, the updated running statistics); dropout off."""
     mode = "train" if train else "eval"
-    tm = torch_model(state_dict, dropout=0.0)
-    expected = torch_activations(tm, x, train)
+    tm = torch_model(state_dict, dropout=0.0, device=device)
+    expected = torch_activations(tm, x.to(device), train)
     got, batch_stats = jax_activations(CBAMCNN(dropout_rate=0.0), torch_to_flax(state_dict),
                                        nchw_to_nhwc(x), train)
     rows = [compare(f"{mode} {name}", got[name], expected[name], FORWARD) for name in LAYERS]
@@ -206,10 +229,11 @@ def _jax_loss(model, params, batch_stats, x, y):
     return cross_entropy(logits, y), state["batch_stats"]
 
 
-def gradient_comparisons(state_dict, x: torch.Tensor, y: torch.Tensor) -> list[Comparison]:
+def gradient_comparisons(state_dict, x: torch.Tensor, y: torch.Tensor,
+                         device: str = "cpu") -> list[Comparison]:
     """d(mean cross-entropy)/d(every parameter), train mode, dropout off."""
-    tm = torch_model(state_dict, dropout=0.0).train()
-    F.cross_entropy(tm(x), y).backward()
+    tm = torch_model(state_dict, dropout=0.0, device=device).train()
+    F.cross_entropy(tm(x.to(device)), y.to(device)).backward()
     variables = torch_to_flax(state_dict)
     model = CBAMCNN(dropout_rate=0.0)
     grad_fn = jax.jit(jax.grad(functools.partial(_jax_loss, model), has_aux=True))
@@ -220,18 +244,18 @@ def gradient_comparisons(state_dict, x: torch.Tensor, y: torch.Tensor) -> list[C
             for name, p in tm.named_parameters()]
 
 
-def adam_comparisons(state_dict, batches, eval_x: torch.Tensor,
-                     learning_rate: float = 1e-3) -> tuple[list[Comparison], dict]:
+def adam_comparisons(state_dict, batches, eval_x: torch.Tensor, learning_rate: float = 1e-3,
+                     device: str = "cpu") -> tuple[list[Comparison], dict]:
     """Adam steps on the given (x, y) batches in both frameworks (train mode, dropout off), then
     every parameter and BatchNorm buffer, and logits on `eval_x`. Also returns the JAX
     variables after the steps."""
-    tm = torch_model(state_dict, dropout=0.0).train()
+    tm = torch_model(state_dict, dropout=0.0, device=device).train()
     opt = torch.optim.Adam(tm.parameters(), lr=learning_rate)
     torch_biases = []  # conv biases used by each step's forward, see _bias_free_running_mean
     for x, y in batches:
-        torch_biases.append({k: v.detach().clone() for k, v in tm.state_dict().items()})
+        torch_biases.append(_on_cpu(tm.state_dict()))
         opt.zero_grad()
-        F.cross_entropy(tm(x), y).backward()
+        F.cross_entropy(tm(x.to(device)), y.to(device)).backward()
         opt.step()
 
     model = CBAMCNN(dropout_rate=0.0)
@@ -251,7 +275,7 @@ def adam_comparisons(state_dict, batches, eval_x: torch.Tensor,
         state = step(state, nchw_to_nhwc(x), jnp.asarray(y.numpy()))
     trained = {"params": state.params, "batch_stats": state.batch_stats}
     got = flax_to_torch(trained)
-    expected = {k: v.clone() for k, v in tm.state_dict().items()}
+    expected = _on_cpu(tm.state_dict())
 
     n = len(batches)
     prefix = f"adam{n} "
@@ -276,8 +300,8 @@ def adam_comparisons(state_dict, batches, eval_x: torch.Tensor,
 
     eval_x_nhwc = nchw_to_nhwc(eval_x)
     with torch.no_grad():  # eval first: the train-mode forward updates the running stats
-        expected_eval = tm.eval()(eval_x)
-        expected_train = tm.train()(eval_x)
+        expected_eval = tm.eval()(eval_x.to(device))
+        expected_train = tm.train()(eval_x.to(device))
     logits, _ = model.apply(trained, eval_x_nhwc, train=True, mutable=["batch_stats"])
     rows.append(compare(prefix + "train logits", logits, expected_train, ADAM_LOGITS))
     # Eval mode reads conv bias - running_mean, both driven by the bias noise above; taking those
@@ -333,17 +357,20 @@ def compare_update(name: str, jax_value, torch_value, start) -> Comparison:
                       relative=True)
 
 
-def run_report(state_dict, seed: int = 0, batch_size: int = 16, adam_steps: int = 5):
+def run_report(state_dict, seed: int = 0, batch_size: int = 16, adam_steps: int = 5,
+               device: str = "cpu"):
     """All comparisons from one state_dict: eval and train forward, gradients, Adam steps.
+    The JAX side runs on JAX's default device, the PyTorch side on `device`.
 
     Returns (rows, JAX variables after the Adam steps).
     """
     x, y = random_batch(seed, batch_size)
-    rows = forward_comparisons(state_dict, x, train=False)
-    rows += forward_comparisons(state_dict, x, train=True)
-    rows += gradient_comparisons(state_dict, x, y)
     batches = [random_batch(seed + 1 + i, batch_size) for i in range(adam_steps)]
-    adam_rows, trained = adam_comparisons(state_dict, batches, x)
+    with float32_precision():
+        rows = forward_comparisons(state_dict, x, train=False, device=device)
+        rows += forward_comparisons(state_dict, x, train=True, device=device)
+        rows += gradient_comparisons(state_dict, x, y, device=device)
+        adam_rows, trained = adam_comparisons(state_dict, batches, x, device=device)
     return rows + adam_rows, trained
 
 

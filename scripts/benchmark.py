@@ -3,7 +3,11 @@
 Each section runs its contenders in interleaved repetitions (A B A B ...) and reports the median
 throughput (the nnx section: time per step) of each and the median of the per-pair ratios, so
 that load on the machine moves both sides of a ratio alike. Synthetic uint8 CIFAR-shaped data:
-content does not change speed.
+content does not change speed. The JAX rows run as `scripts/train.py` does: on a CPU host one
+JAX device per core, each batch split over them (`cbam_jax.runtime`, `distributed.make_mesh`,
+data through `place_data`). Per contender the JSON also has the warm-up's seconds and "cores
+busy" (this process's CPU seconds over wall seconds while it ran; DataLoader worker processes
+not counted).
 
     python scripts/benchmark.py                      # all sections, CPU-sized (a few minutes)
     python scripts/benchmark.py --quick              # smaller, for a smoke run
@@ -13,6 +17,7 @@ content does not change speed.
     python scripts/benchmark.py --sections nnx --reps 15    # flax.nnx's per-step overhead
 
 Writes a markdown table to stdout and `<out>/benchmark.md` and `<out>/benchmark.json`.
+`scripts/gpu_check.py` runs these contenders on a GPU, with more variants of the train call.
 """
 import argparse
 import dataclasses
@@ -24,6 +29,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -32,7 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cbam_jax import distributed, train
+from cbam_jax import distributed, models, ops, runtime, train
 from cbam_jax import nnx as cbam_nnx
 from cbam_jax.augment import augment, normalize
 from cbam_jax.data import IMAGE_SHAPE, Dataset
@@ -83,47 +89,93 @@ def environment() -> dict:
     return {
         "jax_backend": jax.default_backend(), "jax_device": dev.device_kind,
         "jax_device_count": jax.device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "usable_cores": runtime.usable_cores(),
         "torch_device": str(tdev) if tdev.type == "cpu" else torch.cuda.get_device_name(tdev),
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
                      "jaxlib": jaxlib.__version__,
                      "flax": flax.__version__, "optax": optax.__version__,
-                     "torch": torch.__version__, "numpy": np.__version__,
-                     "pillow": PIL.__version__},
+                     "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+                     "cudnn": torch.backends.cudnn.version() if tdev.type == "cuda" else None,
+                     "numpy": np.__version__, "pillow": PIL.__version__},
         "threads": {"torch_intra_op": torch.get_num_threads(),
                     "torch_inter_op": torch.get_num_interop_threads(),
                     "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
                     "load_average_at_start": os.getloadavg()},
+        # Float32 matmuls and convolutions may run in TF32 on a GPU: each framework's setting.
+        "precision": {"jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+                      "torch_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                      "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                      "torch_cudnn_benchmark": torch.backends.cudnn.benchmark},
     }
 
 
 # --- interleaved timing ----------------------------------------------------------------------
 
-def interleave(contenders: dict, reps: int, warmup: int = 1) -> dict:
+@dataclasses.dataclass
+class Timings:
+    """What `interleave` measured, per contender name."""
+
+    samples: dict = dataclasses.field(default_factory=dict)         # images/s, one per rep
+    warmup_seconds: dict = dataclasses.field(default_factory=dict)  # compile, worker start-up
+    cpu_seconds: dict = dataclasses.field(default_factory=dict)     # this process, timed reps
+    wall_seconds: dict = dataclasses.field(default_factory=dict)    # the same reps, wall clock
+    load_average: tuple = ()  # the 1-minute load average before and after
+    errors: dict = dataclasses.field(default_factory=dict)  # contenders whose warm-up failed
+
+
+def interleave(contenders: dict, reps: int, warmup: int = 1,
+               keep_going: bool = False) -> Timings:
     """Run `{name: fn}` in the order A B C A B C ... `reps` times; fn() -> images/s.
 
     Each contender runs `warmup` untimed rounds first (compilation, caches, worker start-up).
+    `keep_going`: a contender whose warm-up raises is left out, its error kept in `errors`.
     """
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    samples = {name: [] for name in contenders}
+    timings, load_start = Timings(), os.getloadavg()[0]
+    for name, fn in contenders.items():
+        start = time.perf_counter()
+        try:
+            for _ in range(warmup):
+                fn()
+        except Exception as e:  # kept in `errors`: one failing variant must not stop the rest
+            if not keep_going:
+                raise
+            timings.errors[name] = f"{type(e).__name__}: {e}"
+            continue
+        timings.warmup_seconds[name] = time.perf_counter() - start
+        timings.samples[name], timings.cpu_seconds[name], timings.wall_seconds[name] = [], 0., 0.
+    contenders = {name: fn for name, fn in contenders.items() if name in timings.samples}
     for _ in range(reps):
         for name, fn in contenders.items():
-            samples[name].append(float(fn()))
-    return samples
+            wall, cpu = time.perf_counter(), time.process_time()
+            timings.samples[name].append(float(fn()))
+            timings.cpu_seconds[name] += time.process_time() - cpu
+            timings.wall_seconds[name] += time.perf_counter() - wall
+    timings.load_average = (load_start, os.getloadavg()[0])
+    return timings
 
 
-def summarize(samples: dict, baseline: str, unit: str = "img/s") -> dict:
+def summarize(timings: Timings, baseline: str, unit: str = "img/s") -> dict:
     """Medians and per-pair ratios (contender / baseline, repetition by repetition)."""
+    if baseline not in timings.samples:
+        raise ValueError(f"the baseline {baseline!r} did not run: "
+                         f"{timings.errors.get(baseline, 'not among the contenders')}")
     rows = []
-    for name, values in samples.items():
-        ratios = [v / b for v, b in zip(values, samples[baseline])]
+    for name, values in timings.samples.items():
+        ratios = [v / b for v, b in zip(values, timings.samples[baseline])]
+        wall = timings.wall_seconds[name]
         rows.append({"name": name, "unit": unit, "median": statistics.median(values),
                      "samples": values, "ratio_vs": baseline,
                      "ratio_median": statistics.median(ratios),
-                     "ratio_min": min(ratios), "ratio_max": max(ratios)})
-    return {"baseline": baseline, "reps": len(samples[baseline]), "rows": rows}
+                     "ratio_min": min(ratios), "ratio_max": max(ratios),
+                     "warmup_seconds": timings.warmup_seconds[name],
+                     "cores_busy": timings.cpu_seconds[name] / wall if wall > 0 else None})
+    result = {"baseline": baseline, "reps": len(timings.samples[baseline]), "rows": rows,
+              "load_average_start": timings.load_average[0],
+              "load_average_end": timings.load_average[1]}
+    if timings.errors:
+        result["errors"] = timings.errors
+    return result
 
 
 def _throughput(step, images_per_call: int, calls: int, sync):
@@ -137,18 +189,20 @@ def _throughput(step, images_per_call: int, calls: int, sync):
     return run
 
 
-# --- contenders ------------------------------------------------------------------------------
+# --- contenders: JAX ------------------------------------------------------------------------
 
-def _jax_state(seed: int = 0):
-    model, tx = train.build("float32")
+def _jax_state(dtype: str = "float32", seed: int = 0):
+    model, tx = train.build(dtype)
     return train.create_train_state(model, tx, jax.random.PRNGKey(seed), 1e-3)
 
 
-def jax_train_step(batch: int, calls: int):
-    """The engine's model step (forward, backward, Adam) on a normalised float batch."""
-    state = _jax_state()
+def jax_train_step(batch: int, calls: int, mesh):
+    """The engine's model step (forward, backward, Adam) on a normalised float batch, split over
+    the mesh."""
+    state = distributed.put_replicated(_jax_state(), mesh)
     images, labels = synthetic_images(batch)
-    x, y = normalize(jnp.asarray(images)), jnp.asarray(labels)
+    x, y = jax.device_put((normalize(jnp.asarray(images)), labels),
+                          distributed.batch_sharding(mesh))
 
     def step(state, x, y):
         dropout_key = jax.random.fold_in(state.rng, state.step)
@@ -163,30 +217,131 @@ def jax_train_step(batch: int, calls: int):
     return _throughput(call, batch, calls, jax.block_until_ready)
 
 
-def jax_engine_step(batch: int, calls: int):
-    """`train.train_step` as the engine runs it: on-device augmentation of uint8 + the step."""
-    state = _jax_state()
-    images, labels = synthetic_images(batch)
-    images, labels = jnp.asarray(images), jnp.asarray(labels)
-    step = jax.jit(train.train_step, donate_argnums=0)
-    holder = [state]
+@functools.partial(jax.jit, donate_argnames=("state", "record"), static_argnames=("size", "count"))
+def scan_batches(state, record, data, first_batch, *, size: int, count: int):
+    """`train.train_batches` as a `lax.scan` over a fixed number of batches (`count`, compiled
+    in) instead of a `fori_loop` over a traced one: a variant that the GPU check times."""
+    def one(carry, batch):
+        state, record = carry
+        images, labels = data.train_batch(record.perm, batch, size)
+        new_state, metrics = train.train_step(state, images, labels)
+        return (new_state, record.record(batch, state.step, metrics)), None
 
-    def call():
-        holder[0], metrics = step(holder[0], images, labels)
-        return metrics["loss"]
-    return _throughput(call, batch, calls, jax.block_until_ready)
+    (state, record), _ = jax.lax.scan(one, (state, record), first_batch + jnp.arange(count))
+    return state, record, None
 
 
-def jax_eval(batch: int, calls: int):
-    state = _jax_state()
+@functools.lru_cache(maxsize=None)
+def train_call(loop: str, compiler_options: tuple = ()):
+    """The engine's train call, `train.train_batches` ("fori") or `scan_batches` ("scan"),
+    jitted with XLA `compiler_options` ((name, value) pairs) for its compiles only. One jitted
+    function per combination, so contenders that differ only in the batch count share a compile;
+    without options it is the engine's own function."""
+    jitted = {"fori": train.train_batches, "scan": scan_batches}[loop]
+    if not compiler_options:
+        return jitted
+    static = ("shape",) if loop == "fori" else ("size", "count")
+    return jax.jit(jitted.__wrapped__, static_argnames=static,
+                   donate_argnames=("state", "record"), compiler_options=dict(compiler_options))
+
+
+def without_custom_gradients(apply_fn):
+    """`apply_fn` with `max_pool_2x2` and `batch_norm_train` traced as the plain functions under
+    their custom VJPs, so autodiff derives their gradients: the ablation of those two kernels.
+    A new function object, so that no jit cache hands back a trace with the custom gradients."""
+    def apply(*args, **kwargs):
+        with mock.patch.object(models, "max_pool_2x2", ops.max_pool_2x2.fun), \
+                mock.patch.object(ops, "batch_norm_train", ops.batch_norm_train.fun):
+            return apply_fn(*args, **kwargs)
+    return apply
+
+
+def jax_engine_calls(batch: int, steps: int, steps_per_call: int = 1, *, mesh,
+                     loop: str = "fori", dtype: str = "float32", compiler_options: tuple = (),
+                     custom_gradients: bool = True):
+    """Images/s of `steps` steps of the engine's train call (gather the batch from the data set on
+    the device, augment, Adam step, record), `steps_per_call` per call: 1 (the CPU default) or
+    more in a rolled loop ("fori", the GPU default; or "scan"). Compiles on its first run."""
+    if steps % steps_per_call:
+        raise ValueError(f"steps ({steps}) must be a multiple of steps_per_call "
+                         f"({steps_per_call})")
+    data = place_data(synthetic_dataset(batch * steps, batch), mesh, batch)
+    state = _jax_state(dtype)
+    if not custom_gradients:
+        state = state.replace(apply_fn=without_custom_gradients(state.apply_fn))
+    state = distributed.put_replicated(state, mesh)
+    record = distributed.put_replicated(train.new_epoch_record(
+        state.rng, np.int32(0), data.num_train, data.num_train_batches), mesh)
+    call = train_call(loop, compiler_options)
+    if loop == "scan":
+        static = dict(size=batch, count=steps_per_call)
+    else:
+        static = dict(shape=train.CallShape(batch, steps_per_call > 1, False))
+    count = () if loop == "scan" else (np.int32(steps_per_call),)
+    holder = [state, record]
+
+    def run():
+        start = time.perf_counter()
+        for first in range(0, steps, steps_per_call):
+            holder[0], holder[1], _ = call(holder[0], holder[1], data, np.int32(first), *count,
+                                           **static)
+        jax.block_until_ready(holder)
+        return batch * steps / (time.perf_counter() - start)
+    return run
+
+
+def jax_eval(batch: int, calls: int, mesh):
+    """The engine's evaluation (`train.evaluate`) of `calls` batches placed on the mesh."""
+    data = place_data(synthetic_dataset(batch, batch * calls), mesh, batch)
+    state = distributed.put_replicated(_jax_state(), mesh)
+
+    def run():
+        start = time.perf_counter()
+        train.evaluate(state, data)  # reads the metrics back: synchronised
+        return batch * calls / (time.perf_counter() - start)
+    return run
+
+
+def jax_augment(n_images: int, batch: int, mesh):
+    """Images/s of `augment` (uint8 batch on the device -> normalised floats), one call per batch."""
     images, _ = synthetic_images(batch)
-    x = normalize(jnp.asarray(images))
-    fwd = jax.jit(lambda s, x: s.apply_fn({"params": s.params, "batch_stats": s.batch_stats}, x,
-                                          train=False))
-    return _throughput(lambda: fwd(state, x), batch, calls, jax.block_until_ready)
+    images = jax.device_put(images, distributed.batch_sharding(mesh))
+    base = jax.random.PRNGKey(0)
+    fn = jax.jit(lambda i, images: augment(jax.random.fold_in(base, i), images))
+    calls = max(1, n_images // batch)
+    counter = [0]  # a fresh key for every call, as the engine folds in the step
+
+    def run():
+        start = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            counter[0] += 1
+            out = fn(np.int32(counter[0]), images)
+        jax.block_until_ready(out)
+        return batch * calls / (time.perf_counter() - start)
+    return run
 
 
-def _torch_model_and_batch(batch: int, compiled: bool):
+def jax_epoch(n_train: int, n_test: int, mesh, batch: int = 64):
+    """One epoch of the engine (train_epoch, then evaluate), images/s over train + test images."""
+    data = place_data(synthetic_dataset(n_train, n_test), mesh, batch)
+    config = train.TrainConfig(epochs=1, batch_size=batch)
+    looped = train.default_steps_per_call() > 1
+    holder, epoch = [distributed.put_replicated(_jax_state(), mesh)], iter(range(1 << 30))
+
+    def run():
+        start = time.perf_counter()
+        holder[0], _, _ = train.train_epoch(holder[0], data, next(epoch), config)
+        train.evaluate(holder[0], data, looped)
+        return (n_train + n_test) / (time.perf_counter() - start)
+    return run
+
+
+# --- contenders: PyTorch ---------------------------------------------------------------------
+
+def _torch_model_and_batch(batch: int, compile_backend: str | None):
+    """The tutorial's model on the torch device, `torch.compile`d with `compile_backend` (None:
+    eager), and one batch as the tutorial's transforms leave it."""
     import torch
     from parity.reference import CBAM_CNN
     from parity.pillow_transforms import to_tensor_normalize
@@ -198,7 +353,7 @@ def _torch_model_and_batch(batch: int, compiled: bool):
     x = torch.from_numpy(np.ascontiguousarray(np.stack([to_tensor_normalize(im) for im in images])))
     x = x.to(dev)
     y = torch.from_numpy(labels.astype(np.int64)).to(dev)
-    forward = torch.compile(model) if compiled else model
+    forward = model if compile_backend is None else torch.compile(model, backend=compile_backend)
     return model, forward, x, y
 
 
@@ -208,10 +363,10 @@ def _torch_sync(_):
         torch.cuda.synchronize()
 
 
-def torch_train_step(batch: int, calls: int, compiled: bool = False):
+def torch_train_step(batch: int, calls: int, compile_backend: str | None = None):
     """The tutorial's step: zero_grad, forward, CrossEntropyLoss, backward, Adam."""
     import torch
-    model, forward, x, y = _torch_model_and_batch(batch, compiled)
+    model, forward, x, y = _torch_model_and_batch(batch, compile_backend)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -225,9 +380,40 @@ def torch_train_step(batch: int, calls: int, compiled: bool = False):
     return _throughput(call, batch, calls, _torch_sync)
 
 
-def torch_eval(batch: int, calls: int, compiled: bool = False):
+def torch_graph_step(batch: int, calls: int, warmup_steps: int = 3):
+    """The tutorial's step captured whole as one CUDA graph and replayed (PyTorch's recipe:
+    warm-up on a side stream, `capturable` Adam, static input tensors). CUDA only."""
     import torch
-    model, forward, x, _ = _torch_model_and_batch(batch, compiled)
+    if not torch.cuda.is_available():
+        raise ValueError("a CUDA graph needs a CUDA device; torch sees none")
+    model, _, x, y = _torch_model_and_batch(batch, None)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the allocator and cuDNN settle before capture
+        for _ in range(warmup_steps):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+
+    def call():
+        graph.replay()
+        return loss
+    return _throughput(call, batch, calls, _torch_sync)
+
+
+def torch_eval(batch: int, calls: int, compile_backend: str | None = None):
+    import torch
+    model, forward, x, _ = _torch_model_and_batch(batch, compile_backend)
     model.eval()
 
     def call():
@@ -282,50 +468,14 @@ def pillow_pipeline(n_images: int, batch: int, workers: int):
     return run
 
 
-def jax_augment(n_images: int, batch: int):
-    """Images/s of `augment` (uint8 batch on the device -> normalised floats), one call per batch."""
-    images, _ = synthetic_images(batch)
-    images = jnp.asarray(images)
-    base = jax.random.PRNGKey(0)
-    fn = jax.jit(lambda i, images: augment(jax.random.fold_in(base, i), images))
-    calls = max(1, n_images // batch)
-    counter = [0]  # a fresh key for every call, as the engine folds in the step
-
-    def run():
-        start = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            counter[0] += 1
-            out = fn(np.int32(counter[0]), images)
-        jax.block_until_ready(out)
-        return batch * calls / (time.perf_counter() - start)
-    return run
-
-
-def jax_epoch(n_train: int, n_test: int, batch: int = 64):
-    """One epoch of the engine (train_epoch, then evaluate), images/s over train + test images."""
-    mesh = distributed.make_mesh()
-    data = place_data(synthetic_dataset(n_train, n_test), mesh, batch)
-    config = train.TrainConfig(epochs=1, batch_size=batch)
-    looped = train.default_steps_per_call() > 1
-    holder, epoch = [distributed.put_replicated(_jax_state(), mesh)], iter(range(1 << 30))
-
-    def run():
-        start = time.perf_counter()
-        holder[0], _, _ = train.train_epoch(holder[0], data, next(epoch), config)
-        train.evaluate(holder[0], data, looped)
-        return (n_train + n_test) / (time.perf_counter() - start)
-    return run
-
-
-def torch_epoch(n_train: int, n_test: int, batch: int = 64, workers: int = 0):
-    """The tutorial's epoch: Pillow DataLoader + eager train loop, then the test loop."""
+def torch_epoch(n_train: int, n_test: int, batch: int = 64, workers: int = 0,
+                compile_backend: str | None = None):
+    """The tutorial's epoch: Pillow DataLoader + train loop, then the test loop; the model eager
+    as in the tutorial, or `torch.compile`d with `compile_backend`."""
     import torch
-    from parity.reference import CBAM_CNN
     data = synthetic_dataset(n_train, n_test)
     dev = torch_device()
-    torch.manual_seed(0)
-    model = CBAM_CNN().to(dev)
+    model, forward, _, _ = _torch_model_and_batch(1, compile_backend)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
     train_loader = _loader(PillowTrainSet(data.train_images, data.train_labels), batch, workers,
@@ -340,7 +490,7 @@ def torch_epoch(n_train: int, n_test: int, batch: int = 64, workers: int = 0):
         for x, y in train_loader:
             x, y = x.to(dev), y.to(dev)
             opt.zero_grad()
-            out = model(x)
+            out = forward(x)
             loss = loss_fn(out, y)
             loss.backward()
             opt.step()
@@ -349,7 +499,7 @@ def torch_epoch(n_train: int, n_test: int, batch: int = 64, workers: int = 0):
         with torch.no_grad():
             for x, y in test_loader:
                 x, y = x.to(dev), y.to(dev)
-                out = model(x)
+                out = forward(x)
                 loss_fn(out, y).item()
                 correct += (out.argmax(1) == y).sum().item()
         return (n_train + n_test) / (time.perf_counter() - start)
@@ -471,11 +621,13 @@ class Plan:
     eval_batch: int = 256
     eval_calls: int = 10
     torch_compile: bool = True
+    torch_compile_backend: str = "inductor"
     augment_images: int = 1024
     augment_workers: tuple = (0, 2)
     epoch_train: int = CPU_EPOCH_TRAIN
     epoch_test: int = CPU_EPOCH_TEST
     epoch_reps: int = 1
+    epoch_compiled_workers: int = 2  # the torch.compile tutorial loop's DataLoader workers
     nnx_batch: int = 8
     nnx_calls: int = 300
 
@@ -498,41 +650,51 @@ def make_plan(quick: bool = False, reps: int | None = None, full_epoch: bool = F
     return plan
 
 
-def section_step(plan: Plan) -> dict:
+def section_step(plan: Plan, mesh) -> dict:
     out = {}
     for batch in plan.step_batches:
         contenders = {"torch eager": torch_train_step(batch, plan.step_calls),
-                      "jax step": jax_train_step(batch, plan.step_calls),
-                      "jax engine step (+ augment)": jax_engine_step(batch, plan.step_calls)}
+                      "jax step": jax_train_step(batch, plan.step_calls, mesh),
+                      "jax engine step (+ augment)": jax_engine_calls(batch, plan.step_calls,
+                                                                      mesh=mesh)}
         if plan.torch_compile:
-            contenders["torch.compile"] = torch_train_step(batch, plan.step_calls, compiled=True)
+            contenders["torch.compile"] = torch_train_step(batch, plan.step_calls,
+                                                           plan.torch_compile_backend)
         out[f"batch {batch}"] = summarize(interleave(contenders, plan.reps), "torch eager")
     return out
 
 
-def section_eval(plan: Plan) -> dict:
+def section_eval(plan: Plan, mesh) -> dict:
     contenders = {"torch eager": torch_eval(plan.eval_batch, plan.eval_calls),
-                  "jax": jax_eval(plan.eval_batch, plan.eval_calls)}
+                  "jax": jax_eval(plan.eval_batch, plan.eval_calls, mesh)}
     if plan.torch_compile:
-        contenders["torch.compile"] = torch_eval(plan.eval_batch, plan.eval_calls, compiled=True)
+        contenders["torch.compile"] = torch_eval(plan.eval_batch, plan.eval_calls,
+                                                 plan.torch_compile_backend)
     return {f"batch {plan.eval_batch}": summarize(interleave(contenders, plan.reps),
                                                   "torch eager")}
 
 
-def section_augment(plan: Plan) -> dict:
+def section_augment(plan: Plan, mesh) -> dict:
     contenders = {f"pillow DataLoader workers={w}": pillow_pipeline(plan.augment_images, 64, w)
                   for w in plan.augment_workers}
-    contenders["jax augment (batch 64)"] = jax_augment(plan.augment_images, 64)
+    contenders["jax augment (batch 64)"] = jax_augment(plan.augment_images, 64, mesh)
     baseline = f"pillow DataLoader workers={plan.augment_workers[0]}"
     return {f"{plan.augment_images} images": summarize(interleave(contenders, plan.reps),
                                                        baseline)}
 
 
-def section_epoch(plan: Plan) -> dict:
-    contenders = {"torch tutorial loop (workers=0)": torch_epoch(plan.epoch_train,
-                                                                 plan.epoch_test),
-                  "jax engine": jax_epoch(plan.epoch_train, plan.epoch_test)}
-    result = summarize(interleave(contenders, plan.epoch_reps), "torch tutorial loop (workers=0)")
+TUTORIAL_LOOP = "torch tutorial loop (workers=0)"
+
+
+def section_epoch(plan: Plan, mesh) -> dict:
+    contenders = {TUTORIAL_LOOP: torch_epoch(plan.epoch_train, plan.epoch_test)}
+    if plan.torch_compile:
+        workers = plan.epoch_compiled_workers
+        contenders[f"torch.compile loop (workers={workers})"] = torch_epoch(
+            plan.epoch_train, plan.epoch_test, workers=workers,
+            compile_backend=plan.torch_compile_backend)
+    contenders["jax engine"] = jax_epoch(plan.epoch_train, plan.epoch_test, mesh)
+    result = summarize(interleave(contenders, plan.epoch_reps), TUTORIAL_LOOP)
     scale = (CIFAR_TRAIN + CIFAR_TEST) / (plan.epoch_train + plan.epoch_test)
     for row in result["rows"]:
         row["epoch_seconds_50k"] = (CIFAR_TRAIN + CIFAR_TEST) / row["median"]
@@ -540,31 +702,49 @@ def section_epoch(plan: Plan) -> dict:
     return {f"{plan.epoch_train} train + {plan.epoch_test} test images": result}
 
 
-def full_recipe(epochs: int = 50, n_train: int = CIFAR_TRAIN, n_test: int = CIFAR_TEST) -> dict:
-    """The whole recipe via `train.fit` (eval every epoch); compile time from JAX's own events."""
-    compile_seconds = []
+def full_recipe(epochs: int = 50, n_train: int = CIFAR_TRAIN, n_test: int = CIFAR_TEST,
+                on_epoch=None) -> dict:
+    """The whole recipe via `train.fit` (eval every epoch); compile time from JAX's own events.
+    `on_epoch(epochs_done, seconds_since_start)` is called as each epoch is committed."""
+    compile_seconds, epoch_ends = [], []
 
     def listener(event, duration, **_):
         if event == "/jax/core/compile/backend_compile_duration":
             compile_seconds.append(duration)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def log(line: str):  # fit logs the parameter table, then one "Epoch n/N done ..." per epoch
+        if line.startswith("Epoch "):
+            epoch_ends.append(time.perf_counter() - start)
+            if on_epoch is not None:
+                on_epoch(len(epoch_ends), epoch_ends[-1])
+
     data = synthetic_dataset(n_train, n_test)
-    with tempfile.TemporaryDirectory() as run_dir, open(os.devnull, "w") as quiet:
-        start = time.perf_counter()
-        result = train.fit(train.TrainConfig(epochs=epochs), data, run_dir, log=lambda _: None,
-                           progress_stream=quiet)
-        wall = time.perf_counter() - start
-    compile_total = float(sum(compile_seconds))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with tempfile.TemporaryDirectory() as run_dir, open(os.devnull, "w") as quiet:
+            start = time.perf_counter()
+            result = train.fit(train.TrainConfig(epochs=epochs), data, run_dir, log=log,
+                               progress_stream=quiet)
+            wall = time.perf_counter() - start
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # No event at all means this JAX no longer reports it, not that nothing compiled.
+    compile_total = float(sum(compile_seconds)) if compile_seconds else None
+    steady = [b - a for a, b in zip(epoch_ends, epoch_ends[1:])]
     return {"epochs": epochs, "train_images": n_train, "test_images": n_test,
             "wall_seconds": wall, "compile_seconds": compile_total,
-            "wall_minus_compile_seconds": wall - compile_total,
+            "compile_events": len(compile_seconds),
+            "wall_minus_compile_seconds": None if compile_total is None else wall - compile_total,
+            "epoch_end_seconds": epoch_ends,
+            "steady_epoch_seconds": statistics.median(steady) if steady else None,
+            "train_seconds_per_epoch": result.history.epoch_time,
             "epochs_completed": result.epochs_done}
 
 
-def section_nnx(plan: Plan) -> dict:
+def section_nnx(plan: Plan, mesh=None) -> dict:
     """Microseconds per Adam step of one small model, from a Python loop (what dispatch costs
-    when the arithmetic is cheap): Linen under jax.jit against the three NNX ways."""
+    when the arithmetic is cheap): Linen under jax.jit against the three NNX ways. One device:
+    `mesh` is unused, the model is too small to split."""
     contenders = {"linen jax.jit": linen_jit_step(plan.nnx_batch, plan.nnx_calls)}
     for label, mode in (("nnx.jit", "nnx.jit"), ("nnx.cached_partial", "cached"),
                         ("nnx.split + jax.jit + nnx.merge", "split")):
@@ -580,41 +760,63 @@ RUNNERS = {"step": section_step, "eval": section_eval, "augment": section_augmen
 
 # --- output ----------------------------------------------------------------------------------
 
-def to_markdown(report: dict) -> str:
-    env = report["environment"]
-    lines = [f"JAX {env['versions']['jax']} on {env['jax_device']} ({env['jax_backend']}), "
-             f"PyTorch {env['versions']['torch']} on {env['torch_device']}; CPU {env['cpu']}, "
-             f"{env['cpu_count']} cores, torch threads {env['threads']['torch_intra_op']}, "
-             f"load average at start {env['threads']['load_average_at_start'][0]:.2f}.", ""]
-    for section, parts in report["sections"].items():
+def environment_line(env: dict) -> str:
+    return (f"JAX {env['versions']['jax']} on {env['jax_device']} ({env['jax_backend']}, "
+            f"{env['jax_device_count']} device(s)), PyTorch {env['versions']['torch']} on "
+            f"{env['torch_device']}; CPU {env['cpu']}, {env['cpu_count']} cores, torch threads "
+            f"{env['threads']['torch_intra_op']}, load average at start "
+            f"{env['threads']['load_average_at_start'][0]:.2f}.")
+
+
+def sections_markdown(sections: dict) -> str:
+    """One table per measured group: median, ratio to the group's baseline, cores busy, and
+    the untimed warm-up (compilation)."""
+    lines = []
+    for section, parts in sections.items():
         for label, result in parts.items():
-            lines += [f"### {section}: {label} ({result['reps']} interleaved repetitions)", "",
-                      f"| contender | median | ratio vs {result['baseline']} (median, min-max) |",
-                      "|---|---:|---:|"]
+            lines += [f"### {section}: {label} ({result['reps']} interleaved repetitions, load "
+                      f"{result['load_average_start']:.1f} -> {result['load_average_end']:.1f})",
+                      "", f"| contender | median | ratio vs {result['baseline']} (median, "
+                      "min-max) | cores busy | warm-up |", "|---|---:|---:|---:|---:|"]
             for row in result["rows"]:
+                busy = "" if row["cores_busy"] is None else f"{row['cores_busy']:.1f}"
                 lines.append(f"| {row['name']} | {row['median']:,.0f} {row['unit']} | "
                              f"{row['ratio_median']:.2f}x ({row['ratio_min']:.2f}-"
-                             f"{row['ratio_max']:.2f}) |")
+                             f"{row['ratio_max']:.2f}) | {busy} | "
+                             f"{row['warmup_seconds']:.1f} s |")
+            for name, error in result.get("errors", {}).items():
+                lines.append(f"| {name} | failed: {error.splitlines()[0][:120]} | | | |")
             if result.get("extrapolated"):
                 lines.append("")
                 lines.append("Epoch seconds extrapolated to 50,000 + 10,000 images: " + ", ".join(
                     f"{row['name']} {row['epoch_seconds_50k']:,.0f} s" for row in result["rows"]))
             lines.append("")
+    return "\n".join(lines)
+
+
+def recipe_line(r: dict) -> str:
+    compiling = ("compile time not reported by this JAX" if r["compile_seconds"] is None else
+                 f"of which {r['compile_seconds']:,.1f} s compiling "
+                 f"({r['wall_minus_compile_seconds']:,.1f} s without)")
+    return (f"{r['epochs_completed']} of {r['epochs']} epochs of {r['train_images']:,} + "
+            f"{r['test_images']:,} images: {r['wall_seconds']:,.1f} s wall, {compiling}.")
+
+
+def to_markdown(report: dict) -> str:
+    lines = [environment_line(report["environment"]), "", sections_markdown(report["sections"])]
     if "full_recipe" in report:
-        r = report["full_recipe"]
-        lines += ["### full recipe", "",
-                  f"{r['epochs']} epochs of {r['train_images']:,} + {r['test_images']:,} images: "
-                  f"{r['wall_seconds']:,.1f} s wall, of which {r['compile_seconds']:,.1f} s "
-                  f"compiling ({r['wall_minus_compile_seconds']:,.1f} s without).", ""]
+        lines += ["### full recipe", "", recipe_line(report["full_recipe"]), ""]
     return "\n".join(lines)
 
 
 def run(sections, plan: Plan, full: bool = False, recipe_epochs: int = 50) -> dict:
     report = {"environment": environment(), "plan": dataclasses.asdict(plan), "sections": {}}
+    mesh = distributed.make_mesh()
     for name in sections:
-        report["sections"][name] = RUNNERS[name](plan)
+        report["sections"][name] = RUNNERS[name](plan, mesh)
     if full:
         report["full_recipe"] = full_recipe(recipe_epochs)
+    report["environment"]["threads"]["load_average_at_end"] = os.getloadavg()
     return report
 
 
@@ -637,6 +839,8 @@ def main(argv=None):
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown sections {unknown}: expected a subset of {list(SECTIONS)}")
+    # As scripts/train.py: before JAX starts, one CPU device per core (a no-op on GPU hosts).
+    runtime.set_cpu_devices(runtime.cpu_devices_for(64))
     plan = make_plan(args.quick, args.reps, args.full_epoch, args.epoch_images,
                      not args.no_torch_compile)
     report = run(sections, plan, args.full_recipe, args.recipe_epochs)

@@ -1,8 +1,10 @@
 """scripts/benchmark.py in a tiny configuration: the structure of what it reports, not timings.
 
-Cost: one small compile per JAX contender and a few DataLoader passes. With a 1-epoch
-`full_recipe` (train.fit) included it took 14.8 min wall (~3.5 min CPU) at load average ~10 on
-2 cores, so the recipe is left to `--full-recipe` runs; not yet timed without it.
+Cost: one small compile per JAX contender, Dynamo traces of the torch.compile rows (the "eager"
+backend) and a few DataLoader passes: 1 min 21 s at load average 3-6 on the 2 shared cores
+(the report fixture 49 s, the train-call variants 31 s). With a 1-epoch `full_recipe`
+(train.fit) included it took 14.8 min wall (~3.5 min CPU) at load average ~10, so the recipe is
+left to `--full-recipe` runs (and to tests/test_gpu_check.py's tiny run).
 """
 import importlib.util
 import json
@@ -16,9 +18,12 @@ _spec = importlib.util.spec_from_file_location(
 benchmark = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(benchmark)
 
+# torch.compile with the "eager" backend: Dynamo traces the model (the rows' code path) without
+# the minutes that Inductor's code generation takes on a busy CPU.
 TINY = benchmark.Plan(reps=2, step_batches=(8,), step_calls=1, eval_batch=8, eval_calls=1,
-                      torch_compile=False, augment_images=16, augment_workers=(0,),
-                      epoch_train=64, epoch_test=32, epoch_reps=1, nnx_calls=3)
+                      torch_compile=True, torch_compile_backend="eager", augment_images=16,
+                      augment_workers=(0,), epoch_train=64, epoch_test=32, epoch_reps=1,
+                      nnx_calls=3)
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +35,13 @@ def _check_result(result, names, baseline, reps):
     assert result["baseline"] == baseline
     assert result["reps"] == reps
     assert [row["name"] for row in result["rows"]] == names
+    assert result["load_average_start"] >= 0 and result["load_average_end"] >= 0
     for row in result["rows"]:
         assert len(row["samples"]) == reps
         assert all(math.isfinite(v) and v > 0 for v in row["samples"])
         assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
+        assert row["warmup_seconds"] > 0
+        assert 0 < row["cores_busy"] < 64  # CPU seconds over wall seconds of this process
     base = next(row for row in result["rows"] if row["name"] == baseline)
     assert base["ratio_median"] == 1.0
 
@@ -42,14 +50,16 @@ def test_every_section_reports_each_contender_per_repetition(report):
     sections = report["sections"]
     assert list(sections) == list(benchmark.SECTIONS)
     _check_result(sections["step"]["batch 8"],
-                  ["torch eager", "jax step", "jax engine step (+ augment)"], "torch eager", 2)
-    _check_result(sections["eval"]["batch 8"], ["torch eager", "jax"], "torch eager", 2)
+                  ["torch eager", "jax step", "jax engine step (+ augment)", "torch.compile"],
+                  "torch eager", 2)
+    _check_result(sections["eval"]["batch 8"], ["torch eager", "jax", "torch.compile"],
+                  "torch eager", 2)
     _check_result(sections["augment"]["16 images"],
                   ["pillow DataLoader workers=0", "jax augment (batch 64)"],
                   "pillow DataLoader workers=0", 2)
     epoch = sections["epoch"]["64 train + 32 test images"]
-    _check_result(epoch, ["torch tutorial loop (workers=0)", "jax engine"],
-                  "torch tutorial loop (workers=0)", 1)
+    _check_result(epoch, ["torch tutorial loop (workers=0)", "torch.compile loop (workers=2)",
+                          "jax engine"], "torch tutorial loop (workers=0)", 1)
     assert epoch["extrapolated"] is True
     assert all(row["epoch_seconds_50k"] > 0 for row in epoch["rows"])
     nnx_rows = sections["nnx"]["batch 8 of 16x16"]
@@ -58,15 +68,50 @@ def test_every_section_reports_each_contender_per_repetition(report):
     assert all(row["unit"] == "us/step" for row in nnx_rows["rows"])
 
 
-def test_report_names_device_versions_and_threads_and_serialises(report):
+def test_report_names_device_versions_threads_and_load_and_serialises(report):
     env = report["environment"]
     assert env["jax_backend"] == "cpu" and env["cpu_count"] >= 1
+    assert env["jax_device_count"] >= 1 and env["usable_cores"] >= 1
     assert {"jax", "torch", "flax", "numpy"} <= set(env["versions"])
     assert env["threads"]["torch_intra_op"] >= 1
+    assert len(env["threads"]["load_average_at_end"]) == 3
+    assert env["precision"]["torch_cudnn_allow_tf32"] in (True, False)
     assert json.loads(json.dumps(report, default=str))["plan"]["reps"] == 2
     markdown = benchmark.to_markdown(report)
-    assert "| contender | median | ratio vs torch eager (median, min-max) |" in markdown
+    assert ("| contender | median | ratio vs torch eager (median, min-max) | cores busy | "
+            "warm-up |") in markdown
     assert "| jax step |" in markdown and "### epoch" in markdown
+    assert "| torch.compile loop (workers=2) |" in markdown
+
+
+def test_engine_call_variants_train_the_same_steps():
+    """A fori_loop and a lax.scan of 2 steps per call, and the ablation without the custom
+    gradients: each runs 2 steps of the engine on the mesh and reports images/s. (One step per
+    call is the step section's engine row; XLA options are in tests/test_gpu_check.py.)"""
+    mesh = benchmark.distributed.make_mesh()
+    variants = {"fori": dict(steps_per_call=2),
+                "scan": dict(steps_per_call=2, loop="scan"),
+                "autodiff": dict(steps_per_call=1, custom_gradients=False)}
+    for name, kwargs in variants.items():
+        run = benchmark.jax_engine_calls(8, 2, mesh=mesh, **kwargs)
+        assert run() > 0, name
+    with pytest.raises(ValueError, match="multiple of steps_per_call"):
+        benchmark.jax_engine_calls(8, 3, 2, mesh=mesh)
+
+
+def test_ablation_traces_the_plain_functions_under_the_custom_gradients():
+    state = benchmark._jax_state()
+    plain = benchmark.without_custom_gradients(state.apply_fn)
+    x = benchmark.jnp.zeros((2, 32, 32, 3))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    custom_vjp = benchmark.jax.make_jaxpr(
+        lambda x: state.apply_fn(variables, x, train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": state.rng}))(x)
+    autodiff = benchmark.jax.make_jaxpr(
+        lambda x: plain(variables, x, train=True, mutable=["batch_stats"],
+                        rngs={"dropout": state.rng}))(x)
+    assert "custom_vjp_call" in str(custom_vjp) and "custom_vjp_call" not in str(autodiff)
+    assert benchmark.models.max_pool_2x2 is benchmark.ops.max_pool_2x2  # restored afterwards
 
 
 def test_plan_defaults_to_a_cpu_slice_of_the_epoch_and_flags_override_it():
