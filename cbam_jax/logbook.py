@@ -201,18 +201,18 @@ class EpochReporter:
     and histograms, and a tqdm progress line with the running loss, accuracy and images/s.
 
     On a terminal the line redraws every second; elsewhere a new line is printed at least every
-    30 s and at every `log_every` batches, so a log never stays silent for long. The first
-    epoch of a process says that it is compiling before its first step.
+    `line_every_s` seconds and at every `log_every` batches, so a log never stays silent for
+    long. The first epoch of a process says that it is compiling before its first step.
     """
 
     def __init__(self, book, epoch: int, config, batch_sizes, lr: float, stream=None,
-                 compiling: bool = False):
+                 compiling: bool = False, line_every_s: float = 30.0):
         self.book, self.lr, self.log_every = book, lr, config.log_every
         self.batch_sizes = np.asarray(batch_sizes)  # images in each batch of the epoch
         num_batches = len(self.batch_sizes)
         stream = stream or sys.stdout
         tty = getattr(stream, "isatty", lambda: False)()
-        self.read_every_s = 1.0 if tty else 30.0
+        self.read_every_s = 1.0 if tty else line_every_s
         # The first epoch of a process shows its bar at once, saying it is compiling; later
         # ones show it at their first read (tqdm's `delay`), not as an empty line.
         self.bar = tqdm(total=num_batches, desc=f"Epoch {epoch + 1}/{config.epochs}",
