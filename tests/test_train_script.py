@@ -3,7 +3,9 @@
 Runtime: about 30 s on 2 cores (one epoch on digits in-process, reusing the compiled steps of
 tests/test_train.py when both run in one session; --help in a subprocess).
 """
+import dataclasses
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -118,10 +120,11 @@ def test_resume_of_a_missing_run_is_an_error(script, capsys, tmp_path):
 def test_mismatched_resume_is_refused_before_the_model_is_built_and_writes_nothing(
         script, capsys, tmp_path):
     from cbam_jax.recipe import TrainConfig
-    from cbam_jax.train import _write_run_record
 
-    run_dir = tmp_path / "run"
-    _write_run_record(run_dir, TrainConfig(batch_size=32), "digits")  # as a run starts
+    run_dir = tmp_path / "run"  # as a digits run with batch 32 leaves it when it is killed early
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps(
+        {"config": dataclasses.asdict(TrainConfig(batch_size=32)), "dataset": "digits"}))
     code = script.main(["--dataset", "digits", "--batch-size", "64", "--no-compile-cache",
                         "--resume", str(run_dir)])
     out, err = capsys.readouterr()
