@@ -213,6 +213,7 @@ MOMENTS = [
     Moment("while drawing the figures after the last epoch", _drawing_the_figures),
 ]
 ATTEMPTS = 3  # a moment that starts a process (compiling, compacting) may be seen too late
+TIMEOUT_S = 600  # for one process; it takes well under a minute
 
 
 # --- running and killing ---------------------------------------------------------------------
@@ -242,28 +243,31 @@ class Training:
         except BlockingIOError:
             return b""
 
-    def output(self) -> str:
-        return "\n".join(self.lines[-30:] + [self._partial.decode()])
-
     def kill_at(self, moment: Moment) -> tuple[Seen, bool]:
         """Kill the process at `moment`, checked on the frozen process: (what it showed, True).
         If it gets past the moment first, kill it there: (what it showed, False). Fails if the
         process ends first."""
-        near = moment.near or moment.now
-        while self.proc.poll() is None:
-            seen = self.look()
-            if near(seen):
-                os.kill(self.proc.pid, signal.SIGSTOP)
-                _, status = os.waitpid(self.proc.pid, os.WUNTRACED)  # every thread stopped
-                assert os.WIFSTOPPED(status), self.output()
-                frozen = self.look()
-                if moment.now(frozen):
-                    return self._kill(frozen), True
-                os.kill(self.proc.pid, signal.SIGCONT)  # not yet, or just missed
-            elif moment.past is not None and moment.past(seen):
-                return self._kill(seen), False
-            time.sleep(0.002)
-        pytest.fail(f"the process ended before the moment; its output ends:\n{self.output()}")
+        near, deadline = moment.near or moment.now, time.monotonic() + TIMEOUT_S
+        try:
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                seen = self.look()
+                if near(seen):
+                    os.kill(self.proc.pid, signal.SIGSTOP)
+                    _, status = os.waitpid(self.proc.pid, os.WUNTRACED)  # every thread stopped
+                    assert os.WIFSTOPPED(status), self.output()
+                    frozen = self.look()
+                    if moment.now(frozen):
+                        return self._kill(frozen), True
+                    os.kill(self.proc.pid, signal.SIGCONT)  # not yet, or just missed
+                elif moment.past is not None and moment.past(seen):
+                    return self._kill(seen), False
+                time.sleep(0.002)
+            pytest.fail(f"the process ended or timed out before the moment; its output ends:"
+                        f"\n{self.output()}")
+        finally:
+            if self.proc.poll() is None:  # a failure above: leave no process behind, stopped
+                self.proc.kill()          # or not
+                self.proc.wait()
 
     def _kill(self, seen: Seen) -> Seen:
         self.proc.kill()  # SIGKILL, also to a stopped process
@@ -275,9 +279,13 @@ class Training:
         return "\n".join(self.lines[-30:] + [self._partial.decode()])
 
     def finish(self) -> None:
-        while self.proc.poll() is None:
-            self.look()
+        deadline = time.monotonic() + TIMEOUT_S
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.look()  # read as it goes: a full pipe would block the process
             time.sleep(0.05)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         self.look()
         assert self.proc.returncode == 0, self.output()
 
