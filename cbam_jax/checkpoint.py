@@ -35,11 +35,16 @@ class Checkpoints:
         return self._managers[name]
 
     def save(self, epoch: int, state, meta: dict, is_best: bool):
+        """best/ first, then latest/, whose checkpoint commits the epoch: a kill between the two
+        leaves the epoch uncommitted, so the resumed run repeats it (bit for bit) and finds
+        best/ already holding it. The other order would lose that best checkpoint for good."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   meta=ocp.args.JsonSave(meta))
-        self._manager("latest", create=True).save(epoch, args=args)
         if is_best:
-            self._manager("best", create=True).save(epoch, args=args)
+            best = self._manager("best", create=True)
+            if epoch not in best.all_steps():  # else saved by a run killed before the commit
+                best.save(epoch, args=args)
+        self._manager("latest", create=True).save(epoch, args=args)
 
     def latest_epoch(self) -> int | None:
         manager = self._manager("latest")

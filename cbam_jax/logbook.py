@@ -59,19 +59,20 @@ def latest_run_dir(base: str = DEFAULT_RUN_DIR) -> Path | None:
 
 # --- TensorBoard event files -----------------------------------------------------------------
 
-def read_events(path) -> list[event_pb2.Event]:
+def read_events(path, strict: bool = False) -> list[event_pb2.Event]:
     """The events of one file (TFRecord framing: length, crc, data, crc), up to the first record
-    that a kill cut off or that fails its checksum."""
+    that a kill cut off or that fails its checksum; `strict` raises a ValueError there instead."""
     data, pos, events = Path(path).read_bytes(), 0, []
-    while pos + 12 <= len(data):
+    while pos < len(data):
         header = data[pos:pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        end = pos + 12 + length + 4
-        if (end > len(data) or struct.unpack("<I", data[pos + 8:pos + 12])[0]
-                != masked_crc32c(header)):
-            break
+        end = pos + 12 + (struct.unpack("<Q", header)[0] if len(header) == 8 else 0) + 4
         payload = data[pos + 12:end - 4]
-        if struct.unpack("<I", data[end - 4:end])[0] != masked_crc32c(payload):
+        if (end > len(data)
+                or struct.unpack("<I", data[pos + 8:pos + 12])[0] != masked_crc32c(header)
+                or struct.unpack("<I", data[end - 4:end])[0] != masked_crc32c(payload)):
+            if strict:
+                raise ValueError(f"{path}: the record at byte {pos} of {len(data)} is cut off "
+                                 "or fails its checksum")
             break
         event = event_pb2.Event()
         event.ParseFromString(payload)
@@ -200,18 +201,18 @@ class EpochReporter:
     and histograms, and a tqdm progress line with the running loss, accuracy and images/s.
 
     On a terminal the line redraws every second; elsewhere a new line is printed at least every
-    30 s and at every `log_every` batches, so a log never stays silent for long. The first
-    epoch of a process says that it is compiling before its first step.
+    `line_every_s` seconds and at every `log_every` batches, so a log never stays silent for
+    long. The first epoch of a process says that it is compiling before its first step.
     """
 
     def __init__(self, book, epoch: int, config, batch_sizes, lr: float, stream=None,
-                 compiling: bool = False):
+                 compiling: bool = False, line_every_s: float = 30.0):
         self.book, self.lr, self.log_every = book, lr, config.log_every
         self.batch_sizes = np.asarray(batch_sizes)  # images in each batch of the epoch
         num_batches = len(self.batch_sizes)
         stream = stream or sys.stdout
         tty = getattr(stream, "isatty", lambda: False)()
-        self.read_every_s = 1.0 if tty else 30.0
+        self.read_every_s = 1.0 if tty else line_every_s
         # The first epoch of a process shows its bar at once, saying it is compiling; later
         # ones show it at their first read (tqdm's `delay`), not as an empty line.
         self.bar = tqdm(total=num_batches, desc=f"Epoch {epoch + 1}/{config.epochs}",
@@ -251,6 +252,15 @@ class EpochReporter:
 
 # --- figures ---------------------------------------------------------------------------------
 
+def _save_png(fig: Figure, path):
+    """Whole or not at all: the figure goes to a temporary file that then replaces `path`, so a
+    kill while drawing leaves no cut-off PNG (a resumed run draws the figures again)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, path)
+
+
 def plot_iter_losses(losses, path):
     """The tutorial's first figure: the training loss of every batch."""
     fig = Figure(figsize=(10, 4))
@@ -260,7 +270,7 @@ def plot_iter_losses(losses, path):
     ax.legend()
     ax.grid(True)
     fig.tight_layout()
-    fig.savefig(Path(path), dpi=100)
+    _save_png(fig, path)
 
 
 def plot_epoch_metrics(history, path):
@@ -277,7 +287,7 @@ def plot_epoch_metrics(history, path):
         ax.legend()
         ax.grid(True)
     fig.tight_layout()
-    fig.savefig(Path(path), dpi=100)
+    _save_png(fig, path)
 
 
 def plot_attention(images, maps, class_names, labels, path):
@@ -300,7 +310,7 @@ def plot_attention(images, maps, class_names, labels, path):
             ax.axis("off")
     fig.suptitle("CBAM spatial attention (test images)")
     fig.tight_layout()
-    fig.savefig(Path(path), dpi=100)
+    _save_png(fig, path)
 
 
 def plot_run(run_dir, history, images, maps, class_names, labels):

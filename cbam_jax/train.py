@@ -406,10 +406,14 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
     state = _initial_state(config, len(dataset.class_names), mesh, log)
     plateau, history = tutorial_plateau().init(config.learning_rate), History()
     start_epoch, best_test_acc = 0, -1.0
+    shown = np.asarray(dataset.test_images[:config.num_attention_images], np.uint8)
+    maps = None  # the attention maps of the last finished epoch, for the figures
     if resume and checkpoints.latest_epoch() is not None:
         state, meta = checkpoints.restore_latest(state)
         plateau, history = PlateauState(**meta["plateau"]), History(**meta["history"])
         start_epoch, best_test_acc = meta["epoch"], meta["best_test_acc"]
+        # The figures are drawn even if no epoch is left (a kill while they were drawn).
+        maps = _attention_maps(state, shown)
         log(f"Resuming from {checkpoints.directory} after epoch {start_epoch} (step "
             f"{int(state.step)}, lr {plateau.lr:.3g})")
     elif resume:
@@ -427,8 +431,6 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
                 "steps_per_call": config.steps_per_call or default_steps_per_call(),
                 "device": str(jax.devices()[0]), "devices": mesh.size,
                 "processes": jax.process_count(), "scheduler": repr(tutorial_plateau())})
-    shown = np.asarray(dataset.test_images[:config.num_attention_images], np.uint8)
-    maps = None
     try:
         for epoch in range(start_epoch, config.epochs):
             note = (f"The last good checkpoint (epoch {epoch}) is in {checkpoints.directory}."
@@ -438,8 +440,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
             state, result = _run_epoch(state, data, epoch, config, plateau.lr, reporter, note)
             history.record(result)
             plateau = tutorial_plateau().step(plateau, result.test_loss)
-            # Every process computes the maps: a jitted call over the mesh is a collective.
-            maps = [np.asarray(m) for m in attention_maps(state, shown)]
+            maps = _attention_maps(state, shown)
             if book is not None:  # durable before the checkpoint that commits the epoch
                 book.epoch(result, shown, maps)
             is_best, best_test_acc = result.test_acc > best_test_acc, max(best_test_acc,
@@ -458,6 +459,11 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
             plot_run(run_dir, history, shown, maps, dataset.class_names,
                      [int(x) for x in dataset.test_labels[:len(shown)]])
     return FitResult(state, history, run_dir, len(history.test_acc))
+
+
+def _attention_maps(state: TrainState, images) -> list[np.ndarray]:
+    # Every process computes the maps: a jitted call over the mesh is a collective.
+    return [np.asarray(m) for m in attention_maps(state, images)]
 
 
 def _check_resumable(config: TrainConfig, dataset_name: str, run_dir: Path, checkpoints) -> None:

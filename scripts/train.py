@@ -159,7 +159,9 @@ def export_pth(result, path: Path):
     except ImportError:
         print("PyTorch is not installed: skipping the .pth export")
         return
-    save_pth({"params": result.state.params, "batch_stats": result.state.batch_stats}, path)
+    tmp = path.with_name(path.name + ".tmp")  # whole or not at all: a kill leaves no cut-off file
+    save_pth({"params": result.state.params, "batch_stats": result.state.batch_stats}, tmp)
+    os.replace(tmp, path)
     print(f"Model saved as a PyTorch state_dict: {path}")
 
 

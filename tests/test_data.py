@@ -160,14 +160,37 @@ def test_unreadable_tfds_dir_is_skipped_for_the_torchvision_folder(tmp_path):
 
 # --- Bad files. ------------------------------------------------------------------------------
 
-def test_truncated_tarball_names_the_file(tmp_path):
+def _truncated_pickle_in_the_folder(data_dir):
     files, _ = _cifar_files()
-    path = _write_tarball(tmp_path / data.CIFAR10_TARBALL, files)
-    raw = path.read_bytes()
-    path.write_bytes(raw[: len(raw) // 2])
+    files["data_batch_3"] = files["data_batch_3"][:500]
+    return os.path.join(_write_folder(data_dir, files), "data_batch_3")
+
+
+def _truncated_tarball(data_dir):
+    path = _write_tarball(data_dir / data.CIFAR10_TARBALL, _cifar_files()[0])
+    path.write_bytes(path.read_bytes()[:1000])
+    return str(path)
+
+
+def _malicious_pickle_in_the_folder(data_dir):
+    class Exploit:
+        def __reduce__(self):
+            return (os.mkdir, (str(data_dir / "pwned"),))
+    files, _ = _cifar_files()
+    files["test_batch"] = pickle.dumps({"data": Exploit()}, protocol=2)
+    return os.path.join(_write_folder(data_dir, files), "test_batch")
+
+
+def _unreadable_tfds_dir(data_dir):
+    (data_dir / "cifar10" / "3.0.2").mkdir(parents=True)  # e.g. prepared as tfrecord, or partial
+    return str(data_dir / "cifar10")
+
+
+def test_truncated_tarball_names_the_file(tmp_path):
+    path = _truncated_tarball(tmp_path)
     with pytest.raises(data.CorruptDataError, match="truncated or corrupt") as info:
         data.load_dataset("cifar10", str(tmp_path), download=False)
-    assert str(path) in str(info.value)
+    assert path in str(info.value)
 
 
 def test_tarball_without_the_batches_says_what_is_missing(tmp_path):
@@ -180,21 +203,14 @@ def test_tarball_without_the_batches_says_what_is_missing(tmp_path):
 
 
 def test_truncated_pickle_names_the_file(tmp_path):
-    files, _ = _cifar_files()
-    files["data_batch_3"] = files["data_batch_3"][:500]
-    folder = _write_folder(tmp_path, files)
+    path = _truncated_pickle_in_the_folder(tmp_path)
     with pytest.raises(data.CorruptDataError, match="not a readable CIFAR-10 batch file") as info:
         data.load_cifar10(str(tmp_path), download=False)
-    assert os.path.join(folder, "data_batch_3") in str(info.value)
+    assert path in str(info.value)
 
 
 def test_pickle_calling_other_code_is_refused(tmp_path):
-    class Exploit:
-        def __reduce__(self):
-            return (os.mkdir, (str(tmp_path / "pwned"),))
-    files, _ = _cifar_files()
-    files["test_batch"] = pickle.dumps({"data": Exploit()}, protocol=2)
-    _write_folder(tmp_path, files)
+    _malicious_pickle_in_the_folder(tmp_path)
     with pytest.raises(data.CorruptDataError, match=r"refers to posix\.mkdir"):
         data.load_cifar10(str(tmp_path), download=False)
     assert not (tmp_path / "pwned").exists()
@@ -301,6 +317,32 @@ def test_without_download_a_missing_dataset_says_how_to_supply_it(tmp_path):
         data.load_dataset("cifar10", str(tmp_path), download=False)
     for way in WAYS:
         assert way in str(info.value), way
+
+
+def test_without_download_the_advice_is_to_allow_downloading(tmp_path):
+    with pytest.raises(data.DatasetUnavailableError) as info:
+        data.load_dataset("cifar10", str(tmp_path), download=False)
+    assert "allow downloading (drop --no-download" in str(info.value)
+    assert "network access" not in str(info.value)  # the network was never the problem
+
+
+@pytest.mark.parametrize("break_copy", [
+    _truncated_pickle_in_the_folder, _truncated_tarball, _malicious_pickle_in_the_folder,
+    _unreadable_tfds_dir], ids=["folder", "tarball", "pickle", "tfds"])
+def test_auto_reports_a_broken_local_copy_instead_of_training_on_digits(tmp_path, monkeypatch,
+                                                                        break_copy):
+    broken = break_copy(tmp_path)
+
+    def download(*args):
+        raise AssertionError("downloaded although a local copy exists")
+    monkeypatch.setattr(data, "_fetch", download)
+    monkeypatch.setattr(data, "_tfds_download_and_prepare", download)
+    lines = []
+    with pytest.raises(data.CorruptDataError) as info:
+        data.load_dataset("auto", str(tmp_path), download=True, log=lines.append)
+    assert broken in str(info.value)  # the message names the file
+    assert not any("digits" in line for line in lines)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_auto_falls_back_to_digits_and_says_why(tmp_path):

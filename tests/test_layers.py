@@ -1,4 +1,6 @@
 """The CBAM layers: shapes, gates, errors, gradients, bfloat16, and training inside a user's model."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -96,6 +98,27 @@ def test_wrong_rank_names_the_expected_layout(module, shape):
         module.init(jax.random.key(0), jnp.ones(shape))
 
 
+@pytest.mark.parametrize("module", [ChannelAttention(), SpatialAttention(), CBAM()],
+                         ids=["channel", "spatial", "cbam"])
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int32])
+def test_integer_input_is_refused_saying_how_to_cast(module, dtype):
+    # Computed, it would be silently wrong: a gate in (0, 1) cast to an integer is 0.
+    variables = module.init(jax.random.key(0), jnp.ones((2, 8, 8, 32)))
+    with pytest.raises(ValueError, match=rf"expects floating-point input .* got "
+                                         rf"{jnp.dtype(dtype).name}: cast it first, e\.g\. "
+                                         r"x\.astype\(jnp\.float32\) / 255"):
+        module.apply(variables, jnp.full((2, 8, 8, 32), 200, dtype))
+
+
+@pytest.mark.parametrize("module", [ChannelAttention(), SpatialAttention(), CBAM()],
+                         ids=["channel", "spatial", "cbam"])
+@pytest.mark.parametrize("shape", [(2, 0, 0, 32), (2, 8, 0, 32), (2, 8, 8, 0)])
+def test_zero_height_width_or_channels_is_refused_by_the_layer(module, shape):
+    with pytest.raises(ValueError, match=r"expects height, width and channels >= 1 .* got "
+                                         rf"shape {re.escape(str(shape))}"):
+        module.init(jax.random.key(0), jnp.ones(shape))
+
+
 def test_channel_count_other_than_built_for_names_the_expected_shape():
     variables = CBAM().init(jax.random.key(0), jnp.ones((1, 4, 4, 32)))
     with pytest.raises(ValueError, match=r"expected input \[B, H, W, 32\], got \(1, 4, 4, 64\)"):
@@ -140,6 +163,17 @@ def test_bfloat16_compute_with_float32_params():
     reference = CBAM().apply(variables, x.astype(jnp.float32))
     # bfloat16 keeps 8 significant bits: relative error ~2^-8 per op.
     np.testing.assert_allclose(np.asarray(y, np.float32), reference, rtol=5e-2, atol=5e-2)
+
+
+def test_bfloat16_cbam_on_float32_input_returns_float32():
+    """The output follows the input's dtype (as the README says): the gates are computed in
+    bfloat16, the product with the input in float32."""
+    x = jax.random.normal(jax.random.key(7), (2, 8, 8, 32))
+    module = CBAM(dtype=jnp.bfloat16)
+    y, state = module.apply(module.init(jax.random.key(0), x), x, mutable=["intermediates"])
+    assert y.dtype == jnp.float32
+    (gate,) = state["intermediates"]["spatial_attn"]["spatial_attention"]
+    assert gate.dtype == jnp.bfloat16
 
 
 def test_batchnorm_uses_batch_statistics_in_training_and_running_ones_in_eval():

@@ -1,5 +1,15 @@
-"""Run directories named as the tutorial names them. Runtime: well under a second."""
-from cbam_jax.logbook import latest_run_dir, next_run_dir
+"""Run directories, TensorBoard event files (a resume keeps exactly the committed records, even
+when it is killed while it rewrites them) and the progress lines. Runtime: about 5 s."""
+import io
+import shutil
+import types
+
+import numpy as np
+import pytest
+
+from cbam_jax.logbook import (EpochReporter, Logbook, event_files, latest_run_dir, next_run_dir,
+                              read_events)
+from cbam_jax.recipe import TrainConfig
 
 
 def test_run_dirs_are_suffixed_1_2_when_taken(tmp_path):
@@ -11,3 +21,126 @@ def test_run_dirs_are_suffixed_1_2_when_taken(tmp_path):
         assert str(run_dir) == expected
         run_dir.mkdir(parents=True)
         assert latest_run_dir(base) == run_dir
+
+
+# --- event files -----------------------------------------------------------------------------
+
+BATCHES = 4  # per epoch, in the runs written here
+
+
+def _write_epochs(book: Logbook, epochs: range):
+    """What fit writes: a record per batch, then the epoch's scalars and attention images."""
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    maps = [np.full((2, 4, 4), 0.5, np.float32)]
+    for e in epochs:
+        for b in range(BATCHES):
+            book.batch_scalars(e * BATCHES + b, loss=1.0 / (1 + b), running_acc=50.0, lr=1e-3)
+        result = types.SimpleNamespace(epoch=e, train_loss=1.0, train_acc=50.0, test_loss=1.0,
+                                       test_acc=50.0, epoch_time=1.0, images_per_s=100.0)
+        book.epoch(result, images, maps)
+
+
+def _steps(run_dir) -> dict[str, list[int]]:
+    """tag -> steps of its records, over every event file, read strictly (to the last byte)."""
+    steps = {}
+    for path in event_files(run_dir):
+        for event in read_events(path, strict=True):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    return steps
+
+
+def _committed(epochs: int) -> dict[str, list[int]]:
+    """The records of the first `epochs` epochs of a run written by _write_epochs."""
+    per_epoch = ("Train/Epoch_Loss", "Train/Epoch_Accuracy", "Test/Epoch_Loss",
+                 "Test/Epoch_Accuracy", "Train/Epoch_Time_s", "Train/Images_per_s",
+                 "Attention/inputs", "Attention/cbam1")
+    batches = list(range(epochs * BATCHES))
+    return {**{tag: batches for tag in ("Train/Batch_Loss", "Train/Batch_Accuracy",
+                                        "Train/Learning_Rate")},
+            **{tag: list(range(epochs)) for tag in per_epoch}}
+
+
+@pytest.fixture
+def killed_run(tmp_path):
+    """A run killed in its third epoch: two epochs committed, two batches of the third on disk."""
+    run_dir = tmp_path / "run"
+    book = Logbook(run_dir)
+    _write_epochs(book, range(2))
+    for b in range(2):
+        book.batch_scalars(2 * BATCHES + b, loss=0.5, running_acc=60.0, lr=1e-3)
+    book.flush()
+    return run_dir
+
+
+def test_a_cut_off_record_ends_the_events_or_raises_when_strict(killed_run):
+    (path,) = event_files(killed_run)
+    whole = read_events(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-3])  # a kill in the middle of the last record
+    assert len(read_events(path)) == len(whole) - 1
+    with pytest.raises(ValueError, match=rf"record at byte \d+ of {len(data) - 3} is cut off"):
+        read_events(path, strict=True)
+
+
+def test_resume_keeps_exactly_the_committed_records_in_one_file(killed_run):
+    assert _steps(killed_run)["Train/Batch_Loss"] == list(range(2 * BATCHES + 2))
+    Logbook(killed_run, resume_at=(2, 2 * BATCHES)).close()
+    assert len(event_files(killed_run)) == 1
+    assert _steps(killed_run) == _committed(2)
+
+
+def test_resume_after_the_epochs_records_but_before_its_checkpoint_drops_them(tmp_path):
+    run_dir = tmp_path / "run"
+    book = Logbook(run_dir)
+    _write_epochs(book, range(2))  # epoch 2's records flushed; its checkpoint never written
+    Logbook(run_dir, resume_at=(1, BATCHES)).close()
+    assert _steps(run_dir) == _committed(1)
+
+
+def test_a_resume_killed_while_compacting_loses_and_repeats_nothing(killed_run, tmp_path):
+    """A kill at any byte of the compacted file, before the old file is deleted: the next
+    resume still keeps every committed record exactly once."""
+    (old,) = event_files(killed_run)
+    old_bytes = old.read_bytes()
+    Logbook(killed_run, resume_at=(2, 2 * BATCHES)).close()
+    (new,) = event_files(killed_run)
+    new_bytes = new.read_bytes()
+    for cut in sorted({*range(0, len(new_bytes), 97), len(new_bytes)}):
+        run_dir = tmp_path / f"cut_{cut}"
+        run_dir.mkdir()
+        (run_dir / old.name).write_bytes(old_bytes)
+        (run_dir / new.name).write_bytes(new_bytes[:cut])
+        Logbook(run_dir, resume_at=(2, 2 * BATCHES)).close()
+        assert _steps(run_dir) == _committed(2), cut
+        shutil.rmtree(run_dir)
+
+
+# --- progress lines --------------------------------------------------------------------------
+
+CONFIG = TrainConfig(epochs=3, log_every=100)
+
+
+def test_the_first_epoch_says_it_is_compiling_before_its_first_step():
+    out = io.StringIO()  # not a terminal: every refresh is a line of its own
+    EpochReporter(None, 0, CONFIG, [64, 64, 29], 1e-3, out, compiling=True)
+    assert out.getvalue() == "Epoch 1/3 [....................] 0/3, compiling the train step...\n"
+
+
+def test_off_a_terminal_a_line_is_printed_at_each_read_the_interval_asks_for():
+    out = io.StringIO()
+    reporter = EpochReporter(None, 1, CONFIG, [64, 64, 29], 1e-3, out, line_every_s=0.0)
+    losses, correct = np.array([2.0, 1.0, 0.5]), np.array([16, 32, 29])
+    for done in (1, 2, 3):
+        assert reporter.read_due()  # log_every (100) alone would read only at the end
+        reporter.batches(1, done, losses[:done], correct[:done])
+    lines = out.getvalue().splitlines()
+    assert [line.split(", ")[0] for line in lines] == [
+        "Epoch 2/3 [######..............] 1/3", "Epoch 2/3 [#############.......] 2/3",
+        "Epoch 2/3 [####################] 3/3"]
+    assert lines[-1].split(", ")[1].startswith("loss 1.1667 | acc 49.04% |")  # 77 of 157
+
+
+def test_off_a_terminal_reads_are_due_every_30_s_by_default():
+    reporter = EpochReporter(None, 0, CONFIG, [64], 1e-3, io.StringIO())
+    assert reporter.read_every_s == 30.0 and not reporter.read_due()

@@ -4,7 +4,8 @@ TensorBoard tags and steps, plots, checkpoints, non-finite losses, the epoch pla
 Runtime budget (2 CPU cores): about 2-3 minutes, mostly XLA compiles of the train step (full
 batch, final partial batch, gradient-returning variant, rolled loop) shared by all runs through
 `cbam_jax.train.build`'s cache. All runs use the full digits set (same shapes, so no recompiles):
-8 epochs, then 2 + 1 + 1 for determinism and resume, 2 to a NaN, 1 with the rolled loop.
+8 epochs, then 2 + 1 + 1 for determinism and resume, 2 to a NaN, 1 with the rolled loop,
+1 read at every batch.
 """
 import dataclasses
 import re
@@ -233,6 +234,30 @@ def test_rolled_loop_over_steps_matches_one_call_per_step(digits):
     assert steps == 8
     np.testing.assert_allclose(looped, per_call, rtol=1e-3)
     assert np.all(per_call > 0)
+
+
+class _AlwaysDue(train.EpochObserver):
+    """Asks for a read at every call; records how many batches each read saw."""
+
+    def __init__(self):
+        self.reads = []
+
+    def read_due(self) -> bool:
+        return True
+
+    def batches(self, epoch, done, losses, correct):
+        self.reads.append(done)
+
+
+def test_the_epoch_loop_reads_whenever_its_observer_asks(digits):
+    """Between log_every reads too: how the progress line keeps a log from staying silent
+    (logbook.EpochReporter asks every 30 s off a terminal)."""
+    model, tx = build("float32")
+    state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
+    observer = _AlwaysDue()
+    train.train_epoch(state, place_data(digits, make_mesh(), batch_size=32), 0,
+                      dataclasses.replace(CONFIG, log_every=1000), observer)
+    assert observer.reads == list(range(1, DIGITS_BATCHES + 1))
 
 
 def test_evaluation_covers_every_test_image_exactly_once(digits, full_run):

@@ -3,7 +3,9 @@
 Runtime: about 30 s on 2 cores (one epoch on digits in-process, reusing the compiled steps of
 tests/test_train.py when both run in one session; --help in a subprocess).
 """
+import dataclasses
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +115,29 @@ def test_digits_run_prints_device_parameters_epochs_and_final_accuracy(script, c
 def test_resume_of_a_missing_run_is_an_error(script, capsys, tmp_path):
     assert script.main(["--dataset", "digits", "--resume", str(tmp_path / "nope")]) == 2
     assert "no run directory" in capsys.readouterr().err
+
+
+def test_mismatched_resume_is_refused_before_the_model_is_built_and_writes_nothing(
+        script, capsys, tmp_path):
+    from cbam_jax.recipe import TrainConfig
+
+    run_dir = tmp_path / "run"  # as a digits run with batch 32 leaves it when it is killed early
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(json.dumps(
+        {"config": dataclasses.asdict(TrainConfig(batch_size=32)), "dataset": "digits"}))
+    code = script.main(["--dataset", "digits", "--batch-size", "64", "--no-compile-cache",
+                        "--resume", str(run_dir)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "error: cannot resume with different settings (saved, given): batch_size: 32 != 64" \
+        in err
+    assert "Total trainable parameters" not in out  # refused before the model was built
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run.json"]
+
+
+def test_resume_of_a_directory_with_nothing_to_resume_leaves_it_empty(script, capsys, tmp_path):
+    code = script.main(["--dataset", "digits", "--no-compile-cache", "--resume", str(tmp_path)])
+    assert code == 1
+    assert "holds no run record (run.json): nothing to resume" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no checkpoints/latest, checkpoints/best
+
