@@ -5,6 +5,7 @@ All layers take NHWC floating-point input `x: [B, H, W, C]`; channels are inferr
 input at `init`. Defaults reproduce the tutorial's PyTorch modules (see shared/SPEC.md):
 parameter names map one-to-one onto theirs (`fc_0` <-> `fc.0`, `kernel` <-> `weight`).
 """
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -28,6 +29,51 @@ def torch_bias_init(fan_in: int):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
+
+
+class ConvSame(nn.Module):
+    """A stride-1 'same' conv (`ops.conv_same` plus the bias) whose weights a caller can also
+    take without convolving (`weights`): nn.Conv's `kernel` [k, k, in, features] and `bias`
+    [features] (None without `use_bias`), with its names, shapes, initialisers and creation
+    order. For layers that convolve in `ops`: CBAMCNN's blocks skip or fold the bias,
+    SpatialAttention's conv is a matmul.
+    """
+
+    features: int
+    kernel_size: int
+    use_bias: bool = True
+    kernel_init: Callable = torch_kernel_init
+    bias_init: Callable = nn.initializers.zeros
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def __call__(self, x):  # x: [B, H, W, in] -> [B, H, W, features]
+        kernel, bias = self.weights(x.shape[-1])
+        dtype = self.dtype or jnp.result_type(*(a for a in (x, kernel, bias) if a is not None))
+        y = ops.conv_same(x.astype(dtype), kernel.astype(dtype))
+        return y if bias is None else y + bias.astype(dtype)
+
+    @nn.compact
+    def weights(self, in_features: int):
+        """(kernel, bias or None), created at `init`."""
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, in_features, self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        return kernel, bias
+
+
+def recording_layer_outputs() -> bool:
+    """Whether an `apply(..., capture_intermediates=...)` is recording what each module returns.
+
+    CBAMCNN and CBAM then run layer by layer, not as their fused ops, so that the conv's, the
+    BatchNorm's and each gate's output exist to be recorded (parity's layer-by-layer report).
+    Flax keeps the capture filter on a private stack; tests/test_models.py fails if it moves.
+    """
+    from flax.linen import module
+    stack = getattr(getattr(module, "_context", None), "capture_stack", None)
+    return bool(stack and stack[-1])
 
 
 class ChannelAttention(nn.Module):
@@ -66,10 +112,17 @@ class ChannelAttention(nn.Module):
         return ops.channel_attention(x, lambda pooled: fc_2(self.act(fc_0(pooled))),
                                      self.pool_types, self.gate)
 
+    def kernels(self):
+        """The bias-free MLP's (fc_0, fc_2) kernels, once `init` has made them (CBAM's one-op
+        path reads them)."""
+        params = self.variables["params"]
+        return params["fc_0"]["kernel"], params["fc_2"]["kernel"]
+
 
 class SpatialAttention(nn.Module):
     """Spatial gate: a k x k conv (no bias, 'same' padding) over channel-wise [mean, max] maps.
 
+    The conv runs as one matmul (`ops.spatial_conv`); its weights are nn.Conv's (`conv/kernel`).
     The gate `[B, H, W, 1]` is sown as `intermediates/spatial_attention` so that callers can
     look at it (`apply(..., mutable=['intermediates'])`).
     """
@@ -89,20 +142,27 @@ class SpatialAttention(nn.Module):
         ops.check_nhwc(x, "SpatialAttention")
         ops.check_names(self.pool_order, ops.SPATIAL_POOLS, "SpatialAttention.pool_order")
         ops.check_kernel_size(self.kernel_size, "SpatialAttention")
-        k, pad = self.kernel_size, self.kernel_size // 2
-        conv = nn.Conv(1, (k, k), padding=((pad, pad), (pad, pad)), use_bias=self.use_bias,
-                       dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=torch_kernel_init,
-                       bias_init=torch_bias_init(k * k * len(self.pool_order)), name="conv")
+        k, maps = self.kernel_size, len(self.pool_order)
+        kernel, bias = ConvSame(1, k, use_bias=self.use_bias,
+                                bias_init=torch_bias_init(k * k * maps),
+                                param_dtype=self.param_dtype, name="conv").weights(maps)
         norm = (BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="bn") if self.use_bn else None)
 
         def logits(maps):  # [B, H, W, P] -> [B, H, W, 1]
-            return norm(conv(maps), train) if norm else conv(maps)
+            y = ops.spatial_conv(maps, kernel, bias, self.dtype)
+            return norm(y, train) if norm else y
 
         y, attention = ops.spatial_attention(x, logits, self.pool_order, self.gate)
-        self.sow("intermediates", "spatial_attention", attention)
+        self.sow_gate(attention)
         return y
+
+    def kernel(self):
+        """The conv's kernel [k, k, P, 1], once `init` has made it (CBAM's one-op path)."""
+        return self.variables["params"]["conv"]["kernel"]
+
+    def sow_gate(self, attention):
+        self.sow("intermediates", "spatial_attention", attention)
 
 
 class CBAM(nn.Module):
@@ -111,6 +171,9 @@ class CBAM(nn.Module):
     Defaults are the tutorial's; `CBAM.preset('official' | 'timm', **overrides)` builds the
     other known variants (see `CBAM_PRESETS`). With `spatial_bn`, call it with `train=`.
     The output has the input's dtype (`dtype` is the compute dtype of the gates).
+    In training (`train=True`), a CBAM with the tutorial's arithmetic in float32 (any width and
+    odd kernel size; `has_tutorial_arithmetic`) runs as `ops.cbam_tutorial`: the same values
+    and gradients, with a hand-written backward.
     """
 
     ratio: float = 16
@@ -138,18 +201,27 @@ class CBAM(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):  # x: [B, H, W, C]
         ops.check_nhwc(x, "CBAM")
-        x = ChannelAttention(
+        channel = ChannelAttention(
             ratio=self.ratio, dtype=self.dtype, param_dtype=self.param_dtype,
             pool_types=self.pool_types, use_bias=self.mlp_bias,
             hidden_features=self.hidden_features, min_hidden=self.min_hidden,
-            rd_round=self.rd_round, act=self.act, gate=self.gate, name="channel_attn")(x)
-        if self.no_spatial:
-            return x
-        return SpatialAttention(
+            rd_round=self.rd_round, act=self.act, gate=self.gate, name="channel_attn")
+        spatial = None if self.no_spatial else SpatialAttention(
             kernel_size=self.kernel_size, dtype=self.dtype, param_dtype=self.param_dtype,
             pool_order=self.spatial_pool_order, use_bn=self.spatial_bn,
             bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, gate=self.gate,
-            name="spatial_attn")(x, train)
+            name="spatial_attn")
+        tutorial = has_tutorial_arithmetic(**{k: getattr(self, k) for k in TUTORIAL_ARITHMETIC})
+        if (train and tutorial and all_float32(x, self.dtype, self.param_dtype)
+                and not self.is_initializing() and not recording_layer_outputs()):
+            # The layers own the weights (init makes them through the path below).
+            w1, w2 = channel.kernels()
+            ops.check_channels(x, w1.shape[0], "ChannelAttention")
+            y, attention = ops.cbam_tutorial(x, w1, w2, spatial.kernel())
+            spatial.sow_gate(attention)
+            return y
+        x = channel(x)
+        return x if spatial is None else spatial(x, train)
 
 
 # What each known implementation differs in from the tutorial's defaults.
@@ -166,6 +238,26 @@ CBAM_PRESETS = {
     # BatchNorm2d eps 1e-5, momentum 0.1).
     "timm": dict(rd_round="nearest", spatial_bn=True),
 }
+
+
+# The CBAM options that make its arithmetic the tutorial's (any ratio, width, kernel size),
+# which `ops.cbam_tutorial` computes as one op.
+TUTORIAL_ARITHMETIC = dict(pool_types=ops.TUTORIAL_POOLS, mlp_bias=False, act=nn.relu,
+                           gate=nn.sigmoid, spatial_pool_order=ops.TUTORIAL_POOLS,
+                           spatial_bn=False, no_spatial=False)
+
+
+def has_tutorial_arithmetic(**options) -> bool:
+    """Whether CBAM `options` (TUTORIAL_ARITHMETIC's keys) make it compute what
+    `ops.cbam_tutorial` computes (which it runs in float32: `all_float32`)."""
+    same = lambda a, b: (tuple(a) == b) if isinstance(b, tuple) else (a is b or a == b)
+    return all(same(options[name], value) for name, value in TUTORIAL_ARITHMETIC.items())
+
+
+def all_float32(x, dtype, param_dtype) -> bool:
+    """Whether a layer with these dtypes computes on x, its weights and its output in float32."""
+    return (x.dtype == jnp.float32 and jnp.dtype(param_dtype) == jnp.float32
+            and jnp.dtype(dtype or jnp.float32) == jnp.float32)
 
 
 def preset_options(variant: str, /, **overrides) -> dict:
@@ -189,18 +281,25 @@ class BatchNorm(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
     def __call__(self, x, train: bool):  # x: [..., C]
-        features = x.shape[-1]
+        return self.normalize(functools.partial(ops.batch_norm, x), x.shape[-1], train)
+
+    @nn.compact
+    def normalize(self, op: Callable, features: int, train: bool):
+        """Run `op(scale, bias, running, train=, momentum=, epsilon=, dtype=)` -> (y, updated
+        running or None) on this layer's variables and keep the update; return y.
+
+        `op` is `ops.batch_norm` on x, or a block with a BatchNorm inside
+        (`ops.conv_bn_relu_pool`: CBAMCNN's bn1..bn3).
+        """
         scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         batches_tracked = self.variable("batch_stats", "num_batches_tracked",
                                         lambda: jnp.zeros((), jnp.int32))
-        y, updated = ops.batch_norm(x, scale, bias, (running_mean.value, running_var.value),
-                                    train=train, momentum=self.momentum, epsilon=self.epsilon,
-                                    dtype=self.dtype)
+        y, updated = op(scale, bias, (running_mean.value, running_var.value), train=train,
+                        momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype)
         if updated is not None and not self.is_initializing():
             running_mean.value, running_var.value = updated
             batches_tracked.value = batches_tracked.value + 1

@@ -1,13 +1,15 @@
 """The tutorial's CBAM CNN for CIFAR-10, in NHWC (modules only: the registry picks models by
 name, `cbam_jax.naming` prints their parameters with PyTorch's names)."""
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cbam_jax import ops
 from cbam_jax.data import IMAGE_SHAPE
-from cbam_jax.layers import CBAM, BatchNorm, torch_bias_init, torch_kernel_init
-from cbam_jax.ops import max_pool_2x2
+from cbam_jax.layers import (CBAM, BatchNorm, ConvSame, recording_layer_outputs, torch_bias_init,
+                             torch_kernel_init)
 
 BLOCK_CHANNELS = (32, 64, 128)
 # fc1's input [H, W, C] = [4, 4, 128]: three 2x2 max-pools halve 32 to 4.
@@ -27,7 +29,10 @@ class CBAMCNN(nn.Module):
     x: [B, 32, 32, 3] normalised floats -> logits [B, num_classes] (float32).
     `train=True` uses batch statistics (and updates `batch_stats`) and needs a 'dropout' rng.
     fc1's input is flattened in NHWC order (H, W, C); PyTorch flattens (C, H, W), which the
-    parity converter accounts for.
+    parity converter accounts for. Each block's conv -> BatchNorm -> ReLU -> max-pool runs as
+    one op on conv{i}'s weights and bn{i}'s variables (`ops.conv_bn_relu_pool`: no conv bias in
+    training, whose gradient is then exactly 0; BatchNorm folded into the conv in evaluation),
+    except under `capture_intermediates`, which records every layer's output.
     """
 
     num_classes: int = 10
@@ -40,13 +45,17 @@ class CBAMCNN(nn.Module):
         check_input(x)
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         in_channels = x.shape[-1]
+        layer_by_layer = recording_layer_outputs()
         for i, channels in enumerate(BLOCK_CHANNELS, start=1):
-            x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), name=f"conv{i}",
-                        kernel_init=torch_kernel_init,
-                        bias_init=torch_bias_init(9 * in_channels), **dtypes)(x)
-            x = BatchNorm(name=f"bn{i}", **dtypes)(x, train)
-            x = max_pool_2x2(nn.relu(x))
-            x = CBAM(name=f"cbam{i}", **dtypes)(x)
+            conv = ConvSame(channels, 3, bias_init=torch_bias_init(9 * in_channels),
+                            name=f"conv{i}", **dtypes)
+            bn = BatchNorm(name=f"bn{i}", **dtypes)
+            if layer_by_layer:
+                x = ops.max_pool_2x2(nn.relu(bn(conv(x), train)))
+            else:
+                block = functools.partial(ops.conv_bn_relu_pool, x, *conv.weights(in_channels))
+                x = bn.normalize(block, channels, train)
+            x = CBAM(name=f"cbam{i}", **dtypes)(x, train)
             in_channels = channels
         x = x.reshape(x.shape[0], -1)  # [B, 4 * 4 * 128], (H, W, C) order
         x = nn.Dense(HIDDEN_FEATURES, name="fc1", kernel_init=torch_kernel_init,

@@ -7,8 +7,8 @@ files' own. What differs is the shape of an NNX module:
 - constructors take the input channels, as PyTorch's do: `CBAM(64, rngs=nnx.Rngs(0))`;
 - training vs evaluation is an attribute, as in Flax's own layers: `model.train()` /
   `model.eval()` (or `nnx.view(model, use_running_average=True)`) set `use_running_average` on
-  every BatchNorm and `deterministic` on CBAMCNN's dropout. Like `nnx.BatchNorm`, a new module
-  is in training mode;
+  every BatchNorm and CBAM (the Linen `train=`) and `deterministic` on CBAMCNN's dropout. Like
+  `nnx.BatchNorm`, a new module is in training mode;
 - the spatial gate [B, H, W, 1] is sown as `nnx.Intermediate` 'spatial_attention', which
   `nnx.capture(model, nnx.Intermediate)(x)` returns next to the output;
 - attribute names are the Linen modules' names, so `to_linen(model)` is the Linen `variables`
@@ -25,7 +25,8 @@ from flax import nnx
 
 from cbam_jax import ops
 from cbam_jax.data import IMAGE_SHAPE
-from cbam_jax.layers import preset_options, torch_bias_init, torch_kernel_init
+from cbam_jax.layers import (all_float32, has_tutorial_arithmetic, preset_options,
+                             torch_bias_init, torch_kernel_init)
 from cbam_jax.models import BLOCK_CHANNELS, FEATURE_SHAPE, HIDDEN_FEATURES
 from cbam_jax.models import check_input as check_cnn_input
 from cbam_jax.resnet import check_input as check_resnet_input
@@ -71,8 +72,8 @@ class SpatialAttention(nnx.Module):
     """Spatial gate: a k x k conv (no bias, 'same' padding) over channel-wise [mean, max] maps,
     optionally followed by a BatchNorm (`use_bn`: the official and timm presets).
 
-    Under `nnx.capture(..., nnx.Intermediate)` the gate [B, H, W, 1] is sown as
-    'spatial_attention'.
+    The conv runs as one matmul (`ops.spatial_conv`) on `conv`'s weights. Under
+    `nnx.capture(..., nnx.Intermediate)` the gate [B, H, W, 1] is sown as 'spatial_attention'.
     """
 
     def __init__(self, kernel_size: int = 7, *, pool_order: Sequence[str] = ("avg", "max"),
@@ -83,7 +84,7 @@ class SpatialAttention(nnx.Module):
         ops.check_kernel_size(kernel_size, "SpatialAttention")
         k, pad, maps = kernel_size, kernel_size // 2, len(pool_order)
         self.pool_order = tuple(pool_order)
-        self.gate = gate
+        self.gate, self.dtype = gate, dtype
         self.conv = nnx.Conv(maps, 1, (k, k), padding=((pad, pad), (pad, pad)),
                              use_bias=use_bias, kernel_init=torch_kernel_init,
                              bias_init=torch_bias_init(k * k * maps), dtype=dtype,
@@ -95,17 +96,21 @@ class SpatialAttention(nnx.Module):
         ops.check_nhwc(x, "SpatialAttention")
 
         def logits(maps):  # [B, H, W, P] -> [B, H, W, 1]
-            y = self.conv(maps)
+            bias = None if self.conv.bias is None else self.conv.bias[...]
+            y = ops.spatial_conv(maps, self.conv.kernel[...], bias, self.dtype)
             return y if self.bn is None else self.bn(y)
 
         y, attention = ops.spatial_attention(x, logits, self.pool_order, self.gate)
+        self.sow_gate(attention)
+        return y
+
+    def sow_gate(self, attention):
         # Sow only inside nnx.capture, which marks the modules it records with `__captures__`
         # (Flax's guide "Extracting intermediate values"): outside it, Flax 0.12 still keeps a
         # sown value as a new attribute, appending every call, so a training loop would grow the
         # model's state (and recompile) at every step.
         if hasattr(self, "__captures__"):
             self.sow(nnx.Intermediate, "spatial_attention", attention)
-        return y
 
 
 class CBAM(nnx.Module):
@@ -114,7 +119,9 @@ class CBAM(nnx.Module):
     `CBAM(in_features, rngs=...)` is the tutorial's module; `CBAM.preset('official' | 'timm',
     in_features, **overrides)` builds the other known variants (`cbam_jax.layers.CBAM_PRESETS`).
     The keywords are the Linen `CBAM`'s. The output has the input's dtype (`dtype` is the
-    compute dtype of the gates).
+    compute dtype of the gates). In training (`use_running_average=False`, the default, set by
+    `train()` / `eval()` / `nnx.view` as on BatchNorm; the Linen `train=`), a CBAM with the
+    tutorial's arithmetic in float32 runs as `ops.cbam_tutorial`, as the Linen one does.
     """
 
     def __init__(self, in_features: int, ratio: float = 16, kernel_size: int = 7, *,
@@ -127,6 +134,11 @@ class CBAM(nnx.Module):
                  dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
                  rngs: nnx.Rngs):
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.tutorial_arithmetic = has_tutorial_arithmetic(
+            pool_types=pool_types, mlp_bias=mlp_bias, act=act, gate=gate,
+            spatial_pool_order=spatial_pool_order, spatial_bn=spatial_bn, no_spatial=no_spatial)
+        self.use_running_average = False
         self.channel_attn = ChannelAttention(
             in_features, ratio, pool_types=pool_types, use_bias=mlp_bias,
             hidden_features=hidden_features, min_hidden=min_hidden, rd_round=rd_round, act=act,
@@ -142,8 +154,25 @@ class CBAM(nnx.Module):
 
     def __call__(self, x):  # x: [B, H, W, C]
         ops.check_nhwc(x, "CBAM")
+        if (not self.use_running_average and self.tutorial_arithmetic
+                and all_float32(x, self.dtype, self.param_dtype)):
+            channel, spatial = self.channel_attn, self.spatial_attn
+            ops.check_channels(x, channel.in_features, "ChannelAttention")
+            y, attention = ops.cbam_tutorial(x, channel.fc_0.kernel[...], channel.fc_2.kernel[...],
+                                             spatial.conv.kernel[...])
+            spatial.sow_gate(attention)
+            return y
         x = self.channel_attn(x)
         return x if self.spatial_attn is None else self.spatial_attn(x)
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Mode for `nnx.view`, as BatchNorm's.
+
+        Args:
+          use_running_average: True: evaluation (the layers' path, no `ops.cbam_tutorial`).
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
 
 
 class BatchNorm(nnx.Module):
@@ -166,10 +195,18 @@ class BatchNorm(nnx.Module):
         self.use_running_average = use_running_average
 
     def __call__(self, x):  # x: [..., C]
-        y, updated = ops.batch_norm(x, self.scale[...], self.bias[...],
-                                    (self.mean[...], self.var[...]),
-                                    train=not self.use_running_average, momentum=self.momentum,
-                                    epsilon=self.epsilon, dtype=self.dtype)
+        return self.normalize(functools.partial(ops.batch_norm, x))
+
+    def normalize(self, op: Callable):
+        """Run `op(scale, bias, running, train=, momentum=, epsilon=, dtype=)` -> (y, updated
+        running or None) on this layer's variables and keep the update; return y.
+
+        `op` is `ops.batch_norm` on x, or a block with a BatchNorm inside
+        (`ops.conv_bn_relu_pool`: CBAMCNN's bn1..bn3), as the Linen BatchNorm's `normalize`.
+        """
+        y, updated = op(self.scale[...], self.bias[...], (self.mean[...], self.var[...]),
+                        train=not self.use_running_average, momentum=self.momentum,
+                        epsilon=self.epsilon, dtype=self.dtype)
         if updated is not None:
             self.mean[...], self.var[...] = updated
             self.num_batches_tracked[...] += 1
@@ -217,8 +254,10 @@ class CBAMCNN(nnx.Module):
     def __call__(self, x):
         check_cnn_input(x)
         for i in range(1, len(BLOCK_CHANNELS) + 1):
-            x = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x))
-            x = getattr(self, f"cbam{i}")(ops.max_pool_2x2(nnx.relu(x)))
+            conv = getattr(self, f"conv{i}")  # its weights; bn{i} runs the block, as in Linen
+            x = getattr(self, f"bn{i}").normalize(functools.partial(
+                ops.conv_bn_relu_pool, x, conv.kernel[...], conv.bias[...]))
+            x = getattr(self, f"cbam{i}")(x)
         x = x.reshape(x.shape[0], -1)  # [B, 4 * 4 * 128]
         x = self.dropout(nnx.relu(self.fc1(x)))
         return self.fc2(x).astype(jnp.float32)

@@ -1,15 +1,20 @@
-"""The layers' arithmetic, once: pure array functions shared by the Linen layers (layers.py)
-and the NNX ones (nnx.py), so that the two front ends cannot drift apart.
+"""The layers' arithmetic, once: pure array functions shared by the Linen layers (layers.py,
+models.py) and the NNX ones (nnx.py), so that the two front ends cannot drift apart.
 
 - checks of the input (NHWC, floating point, non-empty, the channels the weights were built
   for), of pool names and kernel sizes;
-- CBAM's pools, hidden-width rule and gating (`channel_attention`, `spatial_attention`);
+- CBAM's pools, hidden-width rule and gating (`channel_attention`, `spatial_attention`), and
+  the tutorial's CBAM as one op with a hand-written gradient (`cbam_tutorial`);
 - BatchNorm with PyTorch's semantics (`batch_norm`: batch or running statistics, and the
-  running-statistics update);
-- `max_pool_2x2` and `batch_norm_train`, whose hand-written gradients exist because autodiff of
-  the plain versions takes XLA:CPU extra passes over the largest activations
-  (docs/benchmarks.md has the profile). Each computes what its plain-JAX counterpart computes,
-  up to float32 summation order.
+  running-statistics update), and CBAMCNN's conv -> BatchNorm -> ReLU -> max-pool block
+  (`conv_bn_relu_pool`), which skips the conv bias in training and folds BatchNorm into the
+  conv in evaluation;
+- the kernels under them: `conv_same`, `conv_same_toeplitz` (CBAM's spatial conv as one
+  matmul), `max_pool_2x2`, `pool_shift_relu`, `batch_norm_train` and
+  `batch_norm_relu_pool_train`. The hand-written gradients exist because autodiff of the plain
+  versions takes XLA:CPU extra passes over the largest activations (docs/benchmarks.md has the
+  profile). Each computes what its plain-JAX counterpart computes, up to float32 summation
+  order (tests/test_ops.py checks each against autodiff of the plain composition).
 """
 from typing import Callable, Sequence
 
@@ -112,12 +117,93 @@ def channel_attention(x, mlp: Callable, pool_types: Sequence[str], gate: Callabl
 def spatial_attention(x, conv: Callable, pool_order: Sequence[str], gate: Callable):
     """(x times gate(conv(channel pools of x)), the gate [B, H, W, 1]).
 
-    `conv` maps the stacked maps [B, H, W, P] -> logits [B, H, W, 1] (a BatchNorm after it,
-    where a preset has one, belongs to `conv`).
+    `conv` maps the stacked maps [B, H, W, P] -> logits [B, H, W, 1] (`spatial_conv`, and a
+    BatchNorm after it where a preset has one).
     """
     maps = jnp.stack([SPATIAL_POOLS[p](x) for p in pool_order], axis=-1)  # [B, H, W, P]
     attention = gate(conv(maps))
     return gate_input(x, attention), attention
+
+
+def spatial_conv(maps, kernel, bias=None, dtype=None):
+    """The spatial gate's k x k 'same' conv, maps [B, H, W, P] -> logits [B, H, W, 1], as
+    `conv_same_toeplitz` (plus `bias`), in `dtype` (default: nn.Conv's promotion of its
+    inputs), what nn.Conv(1, (k, k), padding=k // 2) computes."""
+    dtype = dtype or jnp.result_type(*(a for a in (maps, kernel, bias) if a is not None))
+    y = conv_same_toeplitz(maps.astype(dtype), kernel.astype(dtype))
+    return y if bias is None else y + bias.astype(dtype)
+
+
+# The tutorial's pools, in its order, for both gates (cbam_tutorial).
+TUTORIAL_POOLS = ("avg", "max")
+
+
+@jax.custom_vjp
+def cbam_tutorial(x, w1, w2, kernel):
+    """The tutorial's CBAM as one op: what `channel_attention` then `spatial_attention` compute
+    with its options, with a hand-written gradient.
+
+    x: [B, H, W, C] float32; w1 [C, hidden], w2 [hidden, C]: the bias-free channel MLP
+    (fc_0, fc_2, ReLU between); kernel [k, k, 2, 1]: the bias-free spatial conv over the
+    channel-wise [mean, max] maps; sigmoid gates. Returns (out [B, H, W, C], the spatial gate
+    [B, H, W, 1]). The gradient is autodiff's, ties of the two max-pools included (split
+    evenly between tied maxima, as JAX's reduce_max rule does).
+
+    Why: autodiff of the two gates makes XLA:CPU pass over x many times in the backward (each
+    gate's product rule, the max-pools' indicators and tie counts, the means); here the
+    backward recomputes x * channel gate where it needs it and takes its reductions in a few
+    passes (about 4% of a CBAMCNN train step on CPU).
+    """
+    out, spatial_gate, _ = _cbam_forward(x, w1, w2, kernel)
+    return out, spatial_gate
+
+
+def _cbam_forward(x, w1, w2, kernel):
+    pooled = jnp.stack([CHANNEL_POOLS[p](x) for p in TUTORIAL_POOLS])  # [2, B, C]
+    hidden = jax.nn.relu(pooled @ w1)  # [2, B, hidden]
+    logits = hidden @ w2
+    channel_gate = jax.nn.sigmoid(logits[0] + logits[1])  # [B, C]
+    x1 = gate_input(x, channel_gate[:, None, None, :])
+    maps = jnp.stack([SPATIAL_POOLS[p](x1) for p in TUTORIAL_POOLS], axis=-1)  # [B, H, W, 2]
+    spatial_gate = jax.nn.sigmoid(conv_same_toeplitz(maps, kernel))  # [B, H, W, 1]
+    return gate_input(x1, spatial_gate), spatial_gate, (pooled, hidden, channel_gate, maps)
+
+
+def _cbam_fwd(x, w1, w2, kernel):
+    out, spatial_gate, saved = _cbam_forward(x, w1, w2, kernel)
+    return (out, spatial_gate), (x, w1, w2, kernel, spatial_gate, *saved)
+
+
+def _tie_split(values, maxima, axes):
+    """reduce_max's gradient indicator: 1 / (number of tied maxima) at each maximum, else 0."""
+    hit = values == maxima
+    return jnp.where(hit, 1.0, 0.0) / hit.sum(axis=axes, keepdims=True)
+
+
+def _cbam_bwd(residuals, cotangents):
+    x, w1, w2, kernel, spatial_gate, pooled, hidden, channel_gate, maps = residuals
+    g, g_gate = cotangents  # g_gate: the returned spatial gate's (zero unless it is used)
+    b, h, w, c = x.shape
+    gate4 = channel_gate[:, None, None, :]
+    x1 = x * gate4  # recomputed: cheaper than a saved full-size residual
+    # Spatial gate: out = x1 * s, s = sigmoid(conv(maps(x1))).
+    g_s = ((g * x1).sum(axis=-1, keepdims=True) + g_gate) * spatial_gate * (1.0 - spatial_gate)
+    _, conv_vjp = jax.vjp(conv_same_toeplitz, maps, kernel)
+    g_maps, g_kernel = conv_vjp(g_s)
+    g_x1 = (g * spatial_gate + g_maps[..., :1] / c
+            + g_maps[..., 1:] * _tie_split(x1, maps[..., 1:], (-1,)))
+    # Channel gate: x1 = x * a, a = sigmoid(mlp(avg x) + mlp(max x)).
+    g_logit = (g_x1 * x).sum(axis=(1, 2)) * channel_gate * (1.0 - channel_gate)  # [B, C]
+    g_hidden = (g_logit @ w2.T)[None] * (hidden > 0)  # [2, B, hidden]
+    g_w2 = jnp.einsum("pbh,bc->hc", hidden, g_logit)
+    g_w1 = jnp.einsum("pbc,pbh->ch", pooled, g_hidden)
+    g_pooled = g_hidden @ w1.T  # [2, B, C]
+    g_x = (g_x1 * gate4 + (g_pooled[0] / (h * w))[:, None, None, :]
+           + g_pooled[1][:, None, None, :] * _tie_split(x, pooled[1][:, None, None, :], (1, 2)))
+    return g_x, g_w1, g_w2, g_kernel
+
+
+cbam_tutorial.defvjp(_cbam_fwd, _cbam_bwd)
 
 
 # --- BatchNorm with PyTorch's semantics ------------------------------------------------------
@@ -133,23 +219,146 @@ def batch_norm(x, scale, bias, running, *, train: bool, momentum: float, epsilon
     (default: x's). Eval mode applies the running statistics as one affine map.
     """
     dtype = dtype or x.dtype
-    running_mean, running_var = running
     if not train:
-        inv = lax.rsqrt(running_var + epsilon) * scale.astype(jnp.float32)
-        shift = bias.astype(jnp.float32) - running_mean * inv
-        return (x.astype(jnp.float32) * inv + shift).astype(dtype), None
+        gain, shift = _running_affine(scale, bias, running, epsilon)
+        return (x.astype(jnp.float32) * gain + shift).astype(dtype), None
+    n = _values_per_channel(x)
+    y, mean, var = batch_norm_train(x, scale, bias, epsilon)  # biased var
+    return y.astype(dtype), _updated_running(running, mean, var, n, momentum)
+
+
+def conv_bn_relu_pool(x, kernel, conv_bias, scale, bias, running, *, train: bool,
+                      momentum: float, epsilon: float, dtype=None):
+    """`max_pool_2x2(relu(batch_norm(conv_same(x, kernel) + conv_bias)))`: CBAMCNN's block, with
+    `batch_norm`'s arguments and result (y, updated running or None).
+
+    x: [B, H, W, Cin], kernel [3, 3, Cin, C], conv_bias [C] -> y [B, H // 2, W // 2, C] in
+    `dtype` (default: nn.Conv's promotion of x, kernel and bias). Two rewrites, exact in exact
+    arithmetic, make it faster than the plain composition (issue 12's CPU measurements, CPU
+    time per CBAMCNN image: 1.01-1.03x for the bias skip and 1.04-1.11x for the fused op per
+    train step, 1.08-1.15x for the fold per evaluation):
+    - training skips the conv bias: BatchNorm's centring removes any per-channel shift, so the
+      output is BatchNorm(conv(x)), and the bias only enters the running mean (the batch mean
+      of conv + bias is mean + bias, PyTorch's update). Its gradient is exactly 0, where
+      autodiff of the plain composition gives float32 noise around 0. In float32 the rest runs
+      as one op, `batch_norm_relu_pool_train`; bfloat16 takes the plain ops.
+    - evaluation folds BatchNorm into the conv (conv(x, k * gain) + b * gain + shift) and pools
+      before adding that shift and ReLU (`pool_shift_relu`), on a quarter of the values.
+    """
+    dtype = dtype or jnp.result_type(x, kernel, conv_bias)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if not train:
+        gain, shift = _running_affine(scale, bias, running, epsilon)
+        folded = (kernel.astype(jnp.float32) * gain).astype(dtype)
+        return pool_shift_relu(conv_same(x, folded),
+                               conv_bias.astype(jnp.float32) * gain + shift), None
+    h = conv_same(x, kernel)  # no bias: see above
+    n = _values_per_channel(h)
+    if h.dtype == jnp.float32 and h.shape[1] % 2 == 0 and h.shape[2] % 2 == 0:
+        y, mean, var = batch_norm_relu_pool_train(h, scale, bias, epsilon)
+    else:
+        z, mean, var = batch_norm_train(h, scale, bias, epsilon)
+        y = max_pool_2x2(jax.nn.relu(z.astype(dtype)))
+    mean = mean + conv_bias.astype(jnp.float32)
+    return y.astype(dtype), _updated_running(running, mean, var, n, momentum)
+
+
+def _values_per_channel(x) -> int:
     n = x.size // x.shape[-1]
     if n < 2:  # the unbiased variance would divide by zero; PyTorch raises too
         raise ValueError(f"BatchNorm in training needs more than 1 value per channel, "
                          f"got input of shape {x.shape}")
-    y, mean, var = batch_norm_train(x, scale, bias, epsilon)  # biased var
+    return n
+
+
+def _running_affine(scale, bias, running, epsilon):
+    """Eval-mode BatchNorm as y = x * gain + shift per channel, float32."""
+    running_mean, running_var = running
+    gain = lax.rsqrt(running_var + epsilon) * scale.astype(jnp.float32)
+    return gain, bias.astype(jnp.float32) - running_mean * gain
+
+
+def _updated_running(running, mean, var, n: int, momentum: float):
+    """PyTorch's update of (running mean, running var) from a batch's mean and biased var."""
+    running_mean, running_var = running
     unbiased = var * (n / (n - 1))
-    new_mean = (1 - momentum) * running_mean + momentum * mean
-    new_var = (1 - momentum) * running_var + momentum * unbiased
-    return y.astype(dtype), (new_mean, new_var)
+    return ((1 - momentum) * running_mean + momentum * mean,
+            (1 - momentum) * running_var + momentum * unbiased)
 
 
-# --- custom-gradient kernels -----------------------------------------------------------------
+# --- convolutions ----------------------------------------------------------------------------
+
+def conv_same(x, kernel):
+    """Stride-1 'same' convolution, NHWC input and HWIO kernel: what nn.Conv computes with
+    padding k // 2, without its bias."""
+    kh, kw = kernel.shape[:2]
+    pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+    return lax.conv_general_dilated(x, kernel, (1, 1), pad,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_same_toeplitz(x, kernel):
+    """`conv_same` for a few channels in and one out (CBAM's k x k spatial gate) as one matmul.
+
+    x: [B, H, W, C] (C = 2 in CBAM), kernel [k, k, C, 1] -> [B, H, W, 1]. XLA:CPU runs this
+    conv (2 -> 1 channels, 7x7) with its generic convolution at ~2 GFLOP/s, 5-8% of an eval
+    pass of CBAMCNN; as a matmul over image rows it is a dense GEMM: each output row is the k
+    padded input rows it sees, [k * (W + k - 1) * C], times a banded (Toeplitz) matrix built
+    from the kernel, [k * (W + k - 1) * C, W]. The band is built by an einsum with a constant
+    0/1 tensor, so the kernel's gradient is a small einsum too. It does W + k - 1 times the
+    conv's multiplications per output, which pays for the small maps of CBAM's gates.
+    """
+    b, h, w, c = x.shape
+    k = kernel.shape[0]
+    p = k // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))  # [B, H + 2p, W + 2p, C]
+    wp = w + 2 * p
+    rows = jnp.stack([xp[:, i:i + h] for i in range(k)], axis=2)  # [B, H, k, W + 2p, C]
+    rows = rows.reshape(b * h, k * wp * c)
+    # shift[j, u, v] = 1 where input column u feeds output column v through kernel column j.
+    shift = (jnp.arange(wp)[None, :, None]
+             == jnp.arange(w)[None, None, :] + jnp.arange(k)[:, None, None]).astype(x.dtype)
+    band = jnp.einsum("ijco,juv->iucvo", kernel, shift)[..., 0]  # [k, W + 2p, C, W]
+    out = rows @ band.reshape(k * wp * c, w)  # [B * H, W]
+    return out.reshape(b, h, w, 1)
+
+
+# --- max-pooling -----------------------------------------------------------------------------
+
+def _windows(x):
+    b, h, w, c = x.shape
+    h2, w2 = h // 2, w // 2
+    x = x[:, : 2 * h2, : 2 * w2, :]
+    return x.reshape(b, h2, 2, w2, 2, c)  # [B, H/2, dy, W/2, dx, C]
+
+
+def _quadrants(x):
+    """The 2x2 windows' four elements in row-major order: 4 x [B, H/2, W/2, C] (odd trailing
+    rows/columns dropped). Slices of a reshape, which XLA fuses into the consumer's loop."""
+    windows = _windows(x)
+    return [windows[:, :, dy, :, dx, :] for dy in (0, 1) for dx in (0, 1)]
+
+
+def _from_quadrants(parts, shape):
+    """Inverse of `_quadrants`: the four [B, H/2, W/2, C] parts interleaved back to `shape`,
+    zero on the odd trailing rows/columns."""
+    b, h, w, c = shape
+    full = jnp.stack([jnp.stack(parts[:2], axis=3), jnp.stack(parts[2:], axis=3)], axis=2)
+    full = full.reshape(b, 2 * (h // 2), 2 * (w // 2), c)
+    return jnp.pad(full, ((0, 0), (0, h - 2 * (h // 2)), (0, w - 2 * (w // 2)), (0, 0)))
+
+
+def _first_maxima(quadrants, maxima, taken):
+    """Per quadrant, where the window's gradient goes: the first element (row-major) equal to
+    its window's `maxima`, in windows not already `taken`, as PyTorch's max-pool kernel routes.
+    Plain compares fuse into one pass; a cumsum over the window did not."""
+    hits = []
+    for q in quadrants:
+        hit = (q == maxima) & ~taken
+        taken = taken | hit
+        hits.append(hit)
+    return hits
+
 
 @jax.custom_vjp
 def max_pool_2x2(x):
@@ -162,13 +371,6 @@ def max_pool_2x2(x):
     return _windows(x).max(axis=(2, 4))
 
 
-def _windows(x):
-    b, h, w, c = x.shape
-    h2, w2 = h // 2, w // 2
-    x = x[:, : 2 * h2, : 2 * w2, :]
-    return x.reshape(b, h2, 2, w2, 2, c)  # [B, H/2, dy, W/2, dx, C]
-
-
 def _max_pool_fwd(x):
     y = max_pool_2x2(x)
     return y, (x, y)
@@ -176,25 +378,50 @@ def _max_pool_fwd(x):
 
 def _max_pool_bwd(residuals, g):
     x, y = residuals
-    b, h, w, c = x.shape
-    windows = _windows(x)
-    # Window elements in row-major order; each takes g only if it is the first maximum (ties
-    # after ReLU are common: all-zero windows). Plain compares fuse into one pass, a cumsum
-    # over the window did not.
-    taken = jnp.zeros(y.shape, bool)
-    grads = []
-    for dy in (0, 1):
-        for dx in (0, 1):
-            hit = (windows[:, :, dy, :, dx, :] == y) & ~taken
-            grads.append(jnp.where(hit, g, jnp.zeros((), g.dtype)))
-            taken = taken | hit
-    grad = jnp.stack([jnp.stack(grads[:2], axis=3), jnp.stack(grads[2:], axis=3)], axis=2)
-    grad = grad.reshape(b, 2 * (h // 2), 2 * (w // 2), c)
-    grad = jnp.pad(grad, ((0, 0), (0, h - 2 * (h // 2)), (0, w - 2 * (w // 2)), (0, 0)))
-    return (grad,)
+    # Ties after ReLU are common (all-zero windows): only the first maximum takes g.
+    hits = _first_maxima(_quadrants(x), y, jnp.zeros(y.shape, bool))
+    return (_from_quadrants([jnp.where(hit, g, jnp.zeros((), g.dtype)) for hit in hits],
+                            x.shape),)
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def pool_shift_relu(x, shift):
+    """`max_pool_2x2(relu(x + shift))` for a per-channel shift [C], pooling first.
+
+    Eval mode of a conv block whose BatchNorm is folded into the conv: adding a per-channel
+    constant and ReLU are monotone, so they commute exactly with the max (rounding is monotone
+    too), and run on the pooled tensor, a quarter of the size. The max is four slices and an
+    elementwise max, not a reduce: XLA:CPU's YNNPACK reduce fusion pulls the producing
+    convolution into itself (even with YNNPACK convolutions off) and ran conv1 + pool there at a
+    tenth of the Eigen convolution's speed. No gradient is written: evaluation only.
+    """
+    q = _quadrants(x)
+    pooled = jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
+    return jnp.maximum(pooled + shift.astype(x.dtype), 0)
+
+
+# --- training-mode BatchNorm -----------------------------------------------------------------
+
+def _batch_statistics(x32, scale, bias, epsilon):
+    """Per-channel batch mean, biased var, 1 / std, and the affine map y = x * gain + shift that
+    normalises (float32; over all axes but the last)."""
+    axes = tuple(range(x32.ndim - 1))
+    mean = x32.mean(axis=axes)
+    var = jnp.square(x32 - mean).mean(axis=axes)
+    inv = lax.rsqrt(var + epsilon)
+    gain = inv * scale.astype(jnp.float32)
+    return mean, var, inv, gain, bias.astype(jnp.float32) - mean * gain
+
+
+def _input_gradient_terms(sum_g, sum_g_xhat, n, inv, gain, g_mean, g_var):
+    """BatchNorm's input gradient, per channel, is g_x = gain * g_y - offset - (x - mean) * slope
+    (g_y the output's gradient); returns (offset, slope), including the paths through the
+    returned batch mean and var. sum_g = sum of g_y, sum_g_xhat = sum of g_y * x-hat."""
+    offset = gain * sum_g / n - g_mean.astype(jnp.float32) / n
+    slope = gain * inv * sum_g_xhat / n - 2.0 * g_var.astype(jnp.float32) / n
+    return offset, slope
 
 
 @jax.custom_vjp
@@ -205,42 +432,100 @@ def batch_norm_train(x, scale, bias, epsilon):
     Same values as the two-pass formula; the gradient is the closed form (one reduction pass
     and one elementwise pass) instead of autodiff's chain of reductions.
     """
-    y, mean, var, _ = _bn_forward(x, scale, bias, epsilon)
-    return y, mean, var
-
-
-def _bn_forward(x, scale, bias, epsilon):
-    axes = tuple(range(x.ndim - 1))
     x32 = x.astype(jnp.float32)
-    mean = x32.mean(axis=axes)
-    var = jnp.square(x32 - mean).mean(axis=axes)
-    inv = lax.rsqrt(var + epsilon)
-    gain = inv * scale.astype(jnp.float32)
-    y = x32 * gain + (bias.astype(jnp.float32) - mean * gain)
-    return y, mean, var, inv
+    mean, var, _, gain, shift = _batch_statistics(x32, scale, bias, epsilon)
+    return x32 * gain + shift, mean, var
 
 
 def _bn_fwd(x, scale, bias, epsilon):
-    y, mean, var, inv = _bn_forward(x, scale, bias, epsilon)
-    return (y, mean, var), (x, scale, bias, mean, inv, epsilon)
+    x32 = x.astype(jnp.float32)
+    mean, var, inv, gain, shift = _batch_statistics(x32, scale, bias, epsilon)
+    return (x32 * gain + shift, mean, var), (x, scale, bias, mean, inv, gain)
 
 
 def _bn_bwd(residuals, cotangents):
-    x, scale, bias, mean, inv, epsilon = residuals
+    x, scale, bias, mean, inv, gain = residuals
     g_y, g_mean, g_var = cotangents
     axes = tuple(range(x.ndim - 1))
-    n = x.size // x.shape[-1]
     centered = x.astype(jnp.float32) - mean
     g_y = g_y.astype(jnp.float32)
     sum_g = g_y.sum(axis=axes)
     sum_g_xhat = (g_y * centered).sum(axis=axes) * inv
-    gain = inv * scale.astype(jnp.float32)
-    # d/dx of (x - mean) * inv * scale + bias, plus the paths through the returned mean and var.
-    g_x = (g_y - sum_g / n - centered * (inv * sum_g_xhat / n)) * gain
-    g_x = g_x + g_mean / n + centered * (2.0 * g_var / n)
+    offset, slope = _input_gradient_terms(sum_g, sum_g_xhat, x.size // x.shape[-1], inv, gain,
+                                          g_mean, g_var)
+    g_x = gain * g_y - offset - centered * slope
     return (g_x.astype(x.dtype), sum_g_xhat.astype(scale.dtype), sum_g.astype(bias.dtype),
             None)
 
 
 batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 
+
+@jax.custom_vjp
+def batch_norm_relu_pool_train(x, scale, bias, epsilon):
+    """`max_pool_2x2(relu(batch_norm_train(x)))` in one custom-gradient op.
+
+    x: [B, H, W, C] float32 with H and W even; scale, bias: [C]. Returns (y [B, H/2, W/2, C],
+    batch mean [C], biased batch var [C]), the values of the three ops in a row. The gradient
+    goes, as theirs, to the first maximum of each window in row-major order, and only where
+    that maximum is positive (ReLU's gradient is 0 at 0); the maximum is taken on x (for
+    scale < 0, the minimum), which can differ from the three ops' routing only where two
+    distinct x of a window normalise to the same float32 value.
+
+    Why: autodiff of the three ops makes XLA:CPU pass over the full-resolution activation
+    [B, H, W, C] many times (normalise, ReLU, window copy, pool mask, select, BatchNorm's
+    reductions). Here the forward reads it three times (mean, variance, and each window's
+    maximum before normalisation) and the backward once: BatchNorm's gradient reductions run
+    over the pooled tensors, since the pooled gradient is non-zero only at each window's
+    maximum, whose x-hat the forward kept.
+    """
+    y, mean, var, _ = _bnrp_forward(x, scale, bias, epsilon)
+    return y, mean, var
+
+
+def _bnrp_forward(x, scale, bias, epsilon):
+    b, h, w, c = x.shape
+    if h % 2 or w % 2 or x.dtype != jnp.float32:
+        raise ValueError(f"batch_norm_relu_pool_train needs float32 [B, H, W, C] with even H "
+                         f"and W, got {x.dtype} {x.shape}")
+    mean, var, inv, gain, shift = _batch_statistics(x, scale, bias, epsilon)
+    # The window maximum before normalisation: the largest x where gain > 0, the smallest
+    # where gain < 0 (one reduce over the windows of x * sign(gain)), the first where gain == 0
+    # (all tie; the gradient goes to the first). x-hat there is what BatchNorm's gradient needs,
+    # and, rounding being monotone, max(x * gain + shift) == best_x * gain + shift exactly, so
+    # the output needs no second pass. A reduce, unlike an elementwise max of four slices, is
+    # not duplicated by XLA into each consumer (e.g. the next conv's kernel-gradient transpose).
+    sign = jnp.where(gain < 0, -1.0, 1.0).astype(jnp.float32)
+    best_x = jnp.where(gain == 0, _quadrants(x)[0], max_pool_2x2(x * sign) * sign)
+    y = jnp.maximum(best_x * gain + shift, 0.0)
+    return y, mean, var, (inv, gain, best_x)
+
+
+def _bnrp_fwd(x, scale, bias, epsilon):
+    y, mean, var, (inv, gain, best_x) = _bnrp_forward(x, scale, bias, epsilon)
+    return (y, mean, var), (x, scale, bias, y, mean, inv, gain, best_x)
+
+
+def _bnrp_bwd(residuals, cotangents):
+    x, scale, bias, y, mean, inv, gain, best_x = residuals
+    g_y, g_mean, g_var = cotangents
+    b, h, w, c = x.shape
+    axes = (0, 1, 2)
+    # The gradient of the BatchNorm output, pooled: g_y at each window's maximum where it is > 0.
+    positive = y > 0
+    g = jnp.where(positive, g_y.astype(jnp.float32), 0.0)  # [B, H/2, W/2, C]
+    sum_g = g.sum(axis=axes)
+    sum_g_xhat = (g * (best_x - mean)).sum(axis=axes) * inv
+    offset, slope = _input_gradient_terms(sum_g, sum_g_xhat, b * h * w, inv, gain, g_mean,
+                                          g_var)
+    routed = gain * g
+    # Route to the first window element equal to the maximum's x (exact: no arithmetic to
+    # redo, so nothing depends on XLA contracting x * gain + shift the same way twice).
+    quadrants = _quadrants(x)
+    hits = _first_maxima(quadrants, best_x, ~positive)
+    g_x = _from_quadrants([jnp.where(hit, routed, 0.0) - offset - (q - mean) * slope
+                           for q, hit in zip(quadrants, hits)], x.shape)
+    return g_x, sum_g_xhat.astype(scale.dtype), sum_g.astype(bias.dtype), None
+
+
+batch_norm_relu_pool_train.defvjp(_bnrp_fwd, _bnrp_bwd)

@@ -232,3 +232,44 @@ def test_cbam_inside_a_user_model_trains_with_decreasing_loss():
         params, opt_state, loss = step(params, opt_state)
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# name -> (CBAM, input dtype, whether training runs it as ops.cbam_tutorial)
+ONE_OP_CASES = {
+    "tutorial": (CBAM(), jnp.float32, True),
+    "tutorial-width-and-kernel": (CBAM(ratio=4, kernel_size=3), jnp.float32, True),
+    "official": (CBAM.preset("official"), jnp.float32, False),
+    "hard-sigmoid-gates": (CBAM(gate=nn.hard_sigmoid), jnp.float32, False),
+    "bfloat16-gates": (CBAM(dtype=jnp.bfloat16), jnp.float32, False),
+    "bfloat16-input": (CBAM(), jnp.bfloat16, False),
+}
+
+
+@pytest.mark.parametrize("case", ONE_OP_CASES)
+def test_training_runs_the_one_op_cbam_only_for_the_tutorials_arithmetic_in_float32(case):
+    module, dtype, one_op = ONE_OP_CASES[case]
+    x = jax.random.normal(jax.random.key(10), (2, 8, 8, 32)).astype(dtype)
+    variables = module.init(jax.random.key(0), x)
+    for train in (True, False):
+        jaxpr = str(jax.make_jaxpr(lambda v: module.apply(v, x, train=train,
+                                                          mutable=["batch_stats"]))(variables))
+        assert ("cbam_tutorial" in jaxpr) == (one_op and train), (case, train)
+
+
+def test_one_op_cbam_trains_like_the_layers():
+    """Training (ops.cbam_tutorial) and evaluation (the layers, autodiff) of the tutorial's CBAM
+    give the same output, gate and gradients, to float32 rounding (1e-5 of the largest)."""
+    x = jax.random.normal(jax.random.key(11), (3, 8, 8, 32))
+    g = jax.random.normal(jax.random.key(12), x.shape)
+    variables = CBAM().init(jax.random.key(0), x)
+
+    def run(params, x, train):
+        y, state = CBAM().apply({"params": params}, x, train=train, mutable=["intermediates"])
+        return jnp.sum(y * g), (y, state["intermediates"])
+
+    results = {train: jax.value_and_grad(run, argnums=(0, 1), has_aux=True)(
+        variables["params"], x, train) for train in (True, False)}
+    (_, one_op), one_op_grads = results[True]
+    (_, layers), layer_grads = results[False]
+    for a, b in zip(jax.tree.leaves((one_op, one_op_grads)), jax.tree.leaves((layers, layer_grads))):
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max())

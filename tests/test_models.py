@@ -1,10 +1,21 @@
-"""CBAMCNN: SPEC's architecture, parameter table, train/eval behaviour and input checks."""
+"""CBAMCNN: SPEC's architecture, parameter table, train/eval behaviour and input checks, and
+the same numbers as the model written as the tutorial's layers in a row (`PlainCBAMCNN`).
+
+Runtime: ~TODO s on the shared 2-core machine.
+"""
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cbam_jax import CBAMCNN, parameter_report, torch_style_name
+from cbam_jax.layers import ChannelAttention, torch_bias_init, torch_kernel_init
+from cbam_jax.models import BLOCK_CHANNELS
+from cbam_jax.ops import spatial_attention
+from cbam_jax.train import cross_entropy
 
 # SPEC.md's table, in the tutorial's order.
 SPEC_PARAMETERS = {
@@ -90,7 +101,10 @@ def test_wrong_input_shape_names_the_expected_one(variables, shape):
         CBAMCNN().apply(variables, jnp.ones(shape))
 
 
-def test_every_parameter_gets_a_gradient(variables):
+def test_every_parameter_gets_a_gradient_but_the_conv_biases_get_exactly_zero(variables):
+    """A conv bias before a train-mode BatchNorm cannot change the loss (the batch mean removes
+    it): its gradient is 0, not float32 noise, so Adam leaves it where PyTorch's noise-driven
+    steps would move it by up to lr per step."""
     model = CBAMCNN()
     x = jax.random.normal(jax.random.key(2), (8, 32, 32, 3))
     labels = jnp.arange(8) % 10
@@ -106,7 +120,11 @@ def test_every_parameter_gets_a_gradient(variables):
     for name, g in parameter_report(grads, print_fn=None).items():
         assert g > 0
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        assert np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)
+        name = jax.tree_util.keystr(path)
+        if name in {f"['conv{i}']['bias']" for i in (1, 2, 3)}:
+            np.testing.assert_array_equal(g, np.zeros_like(g), err_msg=name)
+        else:
+            assert np.abs(np.asarray(g)).max() > 0, name
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits(variables):
@@ -118,3 +136,191 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(variables):
     # bfloat16's 8-bit mantissa through ~10 layers: agreement to a few percent of the logit scale.
     scale = float(np.abs(reference).max())
     np.testing.assert_allclose(logits, reference, atol=0.1 * scale)
+
+
+# --- the faster blocks and CBAM (issue 12) against the plain composition ----------------------
+
+class _PlainBatchNorm(nn.Module):
+    """layers.BatchNorm's variables; the textbook formula, PyTorch's running update, autodiff."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        tracked = self.variable("batch_stats", "num_batches_tracked",
+                                lambda: jnp.zeros((), jnp.int32))
+        if not train:
+            return (x - running_mean.value) / jnp.sqrt(running_var.value + 1e-5) * scale + bias
+        mean = x.mean(axis=(0, 1, 2))
+        var = jnp.square(x - mean).mean(axis=(0, 1, 2))
+        if not self.is_initializing():
+            n = x.size // c
+            running_mean.value = 0.9 * running_mean.value + 0.1 * mean
+            running_var.value = 0.9 * running_var.value + 0.1 * var * n / (n - 1)
+            tracked.value = tracked.value + 1
+        return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+
+
+class _PlainSpatialAttention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        conv = nn.Conv(1, (7, 7), padding=((3, 3), (3, 3)), use_bias=False,
+                       kernel_init=torch_kernel_init, name="conv")
+        y, attention = spatial_attention(x, conv, ("avg", "max"), nn.sigmoid)
+        self.sow("intermediates", "spatial_attention", attention)
+        return y
+
+
+class _PlainCBAM(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = ChannelAttention(name="channel_attn")(x)
+        return _PlainSpatialAttention(name="spatial_attn")(x)
+
+
+class PlainCBAMCNN(nn.Module):
+    """CBAMCNN written as the tutorial's layers in a row (nn.Conv with its bias, BatchNorm,
+    ReLU, a reduce-window max-pool, the CBAM gates with a convolution), every gradient by
+    autodiff: what CBAMCNN computed before its blocks and CBAM became ops."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        in_channels = x.shape[-1]
+        for i, channels in enumerate(BLOCK_CHANNELS, start=1):
+            x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), name=f"conv{i}",
+                        kernel_init=torch_kernel_init,
+                        bias_init=torch_bias_init(9 * in_channels))(x)
+            x = _PlainBatchNorm(name=f"bn{i}")(x, train)
+            x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+            x = _PlainCBAM(name=f"cbam{i}")(x)
+            in_channels = channels
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dense(512, name="fc1", kernel_init=torch_kernel_init,
+                     bias_init=torch_bias_init(x.shape[-1]))(x)
+        return nn.Dense(10, name="fc2", kernel_init=torch_kernel_init,
+                        bias_init=torch_bias_init(512))(nn.relu(x))
+
+
+def _in_order(tree, prefix=()):
+    """[(path, leaf)] in the dicts' own order (jax.tree sorts keys)."""
+    out = []
+    for key, value in tree.items():
+        out += (_in_order(value, prefix + (key,)) if isinstance(value, dict)
+                else [(prefix + (key,), value)])
+    return out
+
+
+def test_variables_names_order_and_initial_values_are_the_plain_models():
+    """Checkpoints, parameter_report, parity.convert and inference see the same tree."""
+    x = jnp.zeros((1, 32, 32, 3))
+    ours = CBAMCNN().init(jax.random.key(0), x, train=False)
+    plain = PlainCBAMCNN().init(jax.random.key(0), x, train=False)
+    assert list(ours) == list(plain) == ["params", "batch_stats"]
+    for collection in ours:
+        got, expected = _in_order(ours[collection]), _in_order(plain[collection])
+        assert [p for p, _ in got] == [p for p, _ in expected]
+        for (path, a), (_, b) in zip(got, expected):
+            assert a.dtype == b.dtype, path
+            np.testing.assert_array_equal(a, b, err_msg=str(path))
+
+
+@pytest.fixture(scope="module")
+def perturbed():
+    """CBAMCNN's initial variables with random BatchNorm affine params and running statistics
+    (so that the folded evaluation is exercised), and a batch of 16."""
+    rng = np.random.default_rng(0)
+    variables = CBAMCNN().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    params, stats = dict(variables["params"]), dict(variables["batch_stats"])
+    for i, c in enumerate(BLOCK_CHANNELS, start=1):
+        params[f"bn{i}"] = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32),
+                            "bias": jnp.asarray(rng.normal(0, 0.2, c), jnp.float32)}
+        stats[f"bn{i}"] = dict(stats[f"bn{i}"],
+                               mean=jnp.asarray(rng.normal(0, 0.2, c), jnp.float32),
+                               var=jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32))
+    x = jnp.asarray(rng.normal(size=(16, 32, 32, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, 16))
+    return {"params": params, "batch_stats": stats}, x, labels
+
+
+def _train_step(model, variables, x, labels):
+    """Train-mode logits, the gradients of the mean cross-entropy, the new batch_stats."""
+    @jax.jit
+    def step(params):
+        def loss(params):
+            logits, state = model.apply({**variables, "params": params}, x, train=True,
+                                        mutable=["batch_stats"])
+            return cross_entropy(logits, labels), (logits, state["batch_stats"])
+        (_, (logits, stats)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return logits, grads, stats
+    return step(variables["params"])
+
+
+# Float32 tolerances, relative to each tensor's largest entry. The two models sum in other
+# orders (the fused BatchNorm's gradient reductions run over the pooled tensors, the Toeplitz
+# matmul replaces the 7x7 convolution, the folded eval rounds conv(x, k * gain) instead of
+# conv(x, k) * gain), so they agree to float32 rounding amplified by depth. Observed over 3
+# seeds: train logits <= 8e-7, gradients <= 1.8e-6 (the CBAM kernels'), batch statistics
+# <= 7e-8, eval logits <= 3e-7; the tolerances leave >= 10x headroom.
+FORWARD_TOLERANCE, GRADIENT_TOLERANCE = 1e-5, 2e-5
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_train_mode_gives_the_plain_models_logits_gradients_and_statistics(perturbed):
+    variables, x, labels = perturbed
+    logits, grads, stats = _train_step(CBAMCNN(dropout_rate=0.0), variables, x, labels)
+    plain_logits, plain_grads, plain_stats = _train_step(PlainCBAMCNN(), variables, x, labels)
+    assert _rel(logits, plain_logits) < FORWARD_TOLERANCE
+    assert jax.tree.structure(grads) == jax.tree.structure(plain_grads)
+    for (path, g), expected in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                   jax.tree.leaves(plain_grads)):
+        name = jax.tree_util.keystr(path)
+        if name in {f"['conv{i}']['bias']" for i in (1, 2, 3)}:
+            # BatchNorm cancels the conv bias: its true gradient is 0, exactly ours; autodiff
+            # of the plain model gives float32 noise.
+            np.testing.assert_array_equal(g, np.zeros_like(g), err_msg=name)
+            assert np.abs(expected).max() < 1e-5 * np.abs(plain_grads["conv1"]["kernel"]).max()
+        else:
+            assert _rel(g, expected) < GRADIENT_TOLERANCE, name
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(stats),
+                            jax.tree.leaves(plain_stats)):
+        if a.dtype == jnp.int32:
+            np.testing.assert_array_equal(a, b)
+        else:  # the running mean includes the conv bias, as PyTorch's
+            assert _rel(a, b) < FORWARD_TOLERANCE, jax.tree_util.keystr(path)
+
+
+def test_eval_mode_gives_the_plain_models_logits_and_gates(perturbed):
+    variables, x, _ = perturbed
+    logits, state = jax.jit(lambda v: CBAMCNN().apply(v, x, mutable=["intermediates"]))(variables)
+    plain, plain_state = jax.jit(
+        lambda v: PlainCBAMCNN().apply(v, x, mutable=["intermediates"]))(variables)
+    assert _rel(logits, plain) < FORWARD_TOLERANCE
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(plain_state)):
+        assert _rel(a, b) < FORWARD_TOLERANCE
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_capture_intermediates_records_every_layers_output(perturbed, train):
+    """Under capture_intermediates the blocks and CBAMs run layer by layer (parity's
+    layer-by-layer report reads the conv's, the BatchNorm's and each gate's output), with the
+    logits of the fused model."""
+    variables, x, _ = perturbed
+    model = CBAMCNN(dropout_rate=0.0)
+    apply = functools.partial(model.apply, train=train, mutable=["intermediates", "batch_stats"])
+    logits, state = jax.jit(functools.partial(apply, capture_intermediates=True))(variables, x)
+    fused, _ = jax.jit(apply)(variables, x)
+    recorded = state["intermediates"]
+    for i, (size, channels) in enumerate(zip((32, 16, 8), BLOCK_CHANNELS), start=1):
+        full, pooled = (16, size, size, channels), (16, size // 2, size // 2, channels)
+        assert recorded[f"conv{i}"]["__call__"][0].shape == full
+        assert recorded[f"bn{i}"]["__call__"][0].shape == full
+        for gate in ("channel_attn", "spatial_attn"):
+            assert recorded[f"cbam{i}"][gate]["__call__"][0].shape == pooled
+    assert _rel(logits, fused) < FORWARD_TOLERANCE

@@ -1,6 +1,9 @@
-"""cbam_jax.ops: the hand-written gradients give what autodiff of the plain formulas gives.
+"""cbam_jax.ops: each op with a hand-written gradient or a rewrite computes what autodiff of
+its plain composition computes.
 
-Tolerance 1e-5 relative: float32 sums taken in another order (a few ulps over ~100 terms).
+Tolerance 1e-5 relative to the largest entry: float32 sums taken in another order (a few ulps
+over ~100 terms). Ties (tied max-pool windows, all-zero maps) and negative BatchNorm scales are
+included, since that is where routing could differ.
 Budget: a few seconds.
 """
 import jax
@@ -9,7 +12,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cbam_jax.ops import batch_norm_train, max_pool_2x2
+from cbam_jax.ops import (batch_norm_relu_pool_train, batch_norm_train, cbam_tutorial,
+                          channel_attention, conv_bn_relu_pool, conv_same, conv_same_toeplitz,
+                          max_pool_2x2, pool_shift_relu, spatial_attention)
 
 
 def _plain_batch_norm(x, scale, bias, epsilon=1e-5):
@@ -55,3 +60,172 @@ def test_max_pool_drops_odd_edges_and_gives_them_zero_gradient():
     expected = np.zeros((5, 3))
     expected[1, 1] = expected[3, 1] = 1.0
     np.testing.assert_array_equal(grad[0, :, :, 0], expected)
+
+
+# --- the ops of issue 12 (a faster step and eval), each against its plain composition ---------
+
+def _rel(a, b):
+    """max |a - b| / max |b|, in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _assert_vjps_match(ours, plain, args, cotangents, tol=1e-5):
+    """Outputs and the gradients of every argument agree to `tol` (relative, per tensor)."""
+    ours_out, ours_vjp = jax.vjp(ours, *args)
+    plain_out, plain_vjp = jax.vjp(plain, *args)
+    for a, b in zip(jax.tree.leaves(ours_out), jax.tree.leaves(plain_out)):
+        assert _rel(a, b) < tol
+    for i, (a, b) in enumerate(zip(ours_vjp(cotangents), plain_vjp(cotangents))):
+        assert _rel(a, b) < tol, f"gradient of argument {i}"
+
+
+def _block_inputs(case, shape=(4, 6, 8, 5)):
+    """x, BatchNorm scale and bias; 'ties_and_signs' adds tied windows, negative scales and a
+    zero scale (every window ties after normalising)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.5, 2.0, shape).astype(np.float32)
+    scale = rng.normal(size=shape[-1]).astype(np.float32)
+    bias = rng.normal(size=shape[-1]).astype(np.float32)
+    if case == "ties_and_signs":
+        x[:, :2] = 1.25  # whole windows tied
+        x[0, 2:4, 2:4, :] = 3.0
+        scale[:2] = -np.abs(scale[:2])
+        scale[2], bias[2] = 0.0, 0.5
+    return jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias)
+
+
+@pytest.mark.parametrize("case", ["random", "ties_and_signs"])
+def test_batch_norm_relu_pool_matches_autodiff_of_the_three_ops(case):
+    x, scale, bias = _block_inputs(case)
+    rng = np.random.default_rng(2)
+    cotangents = (jnp.asarray(rng.normal(size=(4, 3, 4, 5)), jnp.float32),
+                  *jnp.asarray(rng.normal(size=(2, 5)), jnp.float32))  # y, mean, var
+
+    def plain(x, scale, bias):
+        y, mean, var = _plain_batch_norm(x, scale, bias)
+        return max_pool_2x2(jax.nn.relu(y)), mean, var
+
+    _assert_vjps_match(lambda *a: batch_norm_relu_pool_train(*a, 1e-5), plain,
+                       (x, scale, bias), cotangents)
+
+
+def test_batch_norm_relu_pool_refuses_odd_sizes_and_bfloat16():
+    x, scale, bias = _block_inputs("random", (2, 5, 4, 5))
+    with pytest.raises(ValueError, match="even H and W"):
+        batch_norm_relu_pool_train(x, scale, bias, 1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        batch_norm_relu_pool_train(jnp.zeros((2, 4, 4, 5), jnp.bfloat16), scale, bias, 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 6, 4), (2, 5, 7, 3)])  # even, odd (edges dropped)
+def test_pool_shift_relu_equals_relu_of_the_shift_then_the_pool(shape):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    shift = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
+    np.testing.assert_array_equal(pool_shift_relu(x, shift), max_pool_2x2(jax.nn.relu(x + shift)))
+
+
+@pytest.mark.parametrize("hw, channels, k", [((16, 16), 2, 7), ((4, 4), 2, 7), ((5, 7), 2, 7),
+                                             ((1, 1), 2, 7), ((6, 3), 1, 3)])
+def test_toeplitz_conv_matches_the_convolution_and_its_gradients(hw, channels, k):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(3, *hw, channels)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(k, k, channels, 1)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(3, *hw, 1)), jnp.float32)
+    _assert_vjps_match(conv_same_toeplitz, conv_same, (x, kernel), g)
+
+
+def _plain_cbam(x, w1, w2, kernel):
+    """The tutorial's CBAM from the shared pieces, the spatial conv as a convolution."""
+    mlp = lambda pooled: jax.nn.relu(pooled @ w1) @ w2
+    x = channel_attention(x, mlp, ("avg", "max"), jax.nn.sigmoid)
+    return spatial_attention(x, lambda maps: conv_same(maps, kernel), ("avg", "max"),
+                             jax.nn.sigmoid)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_cbam_tutorial_matches_autodiff_of_the_two_gates(ties):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 8, 8, 32)).astype(np.float32)
+    if ties:  # as after ReLU and pooling: all-zero maps and repeated maxima
+        x = np.maximum(x, 0.0)
+        x[0] = 0.0
+        x[1, :, :, :4] = x[1].max()
+    weights = [rng.normal(0, 0.3, shape).astype(np.float32)
+               for shape in ((32, 2), (2, 32), (7, 7, 2, 1))]
+    cotangents = (jnp.asarray(rng.normal(size=x.shape), jnp.float32),  # the output's
+                  jnp.asarray(rng.normal(size=(3, 8, 8, 1)), jnp.float32))  # the gate's
+    _assert_vjps_match(cbam_tutorial, _plain_cbam, (jnp.asarray(x), *map(jnp.asarray, weights)),
+                       cotangents)
+
+
+def _plain_block(x, kernel, conv_bias, scale, bias, running, train):
+    """conv + bias -> BatchNorm (two-pass formula, PyTorch's running update) -> ReLU -> pool."""
+    h = conv_same(x, kernel) + conv_bias
+    if not train:
+        y = (h - running[0]) * lax.rsqrt(running[1] + 1e-5) * scale + bias
+        return max_pool_2x2(jax.nn.relu(y)), None
+    y, mean, var = _plain_batch_norm(h, scale, bias)
+    n = h.size // h.shape[-1]
+    updated = (0.9 * running[0] + 0.1 * mean, 0.9 * running[1] + 0.1 * var * n / (n - 1))
+    return max_pool_2x2(jax.nn.relu(y)), updated
+
+
+def _conv_block_inputs(case, shape):
+    x, scale, bias = _block_inputs(case, shape[:3] + (3,))
+    rng = np.random.default_rng(6)
+    kernel = jnp.asarray(rng.normal(0, 0.3, (3, 3, 3, 5)), jnp.float32)
+    scale, bias = (jnp.concatenate([v, v[:2]]) for v in (scale, bias))  # 5 output channels
+    conv_bias = jnp.asarray(rng.normal(size=5), jnp.float32)
+    running = (jnp.asarray(rng.normal(size=5), jnp.float32),
+               jnp.asarray(rng.uniform(0.5, 2.0, 5), jnp.float32))
+    return x, kernel, conv_bias, scale, bias, running
+
+
+BLOCK = dict(momentum=0.1, epsilon=1e-5)
+
+
+# (4, 6, 8): the fused op; (2, 5, 7): odd sizes, BatchNorm and max-pool as separate ops.
+@pytest.mark.parametrize("case, shape", [("random", (4, 6, 8)), ("ties_and_signs", (4, 6, 8)),
+                                         ("random", (2, 5, 7))])
+def test_conv_block_trains_like_the_plain_composition(case, shape):
+    """Output, running statistics and every gradient; the conv bias's gradient is exactly 0."""
+    x, kernel, conv_bias, scale, bias, running = _conv_block_inputs(case, shape)
+    ours = lambda *a: conv_bn_relu_pool(*a, running, train=True, **BLOCK)
+    plain = lambda *a: _plain_block(*a, running, True)
+    args = (x, kernel, conv_bias, scale, bias)
+    g = jnp.asarray(np.random.default_rng(7).normal(size=ours(*args)[0].shape), jnp.float32)
+    (y, stats), ours_vjp = jax.vjp(ours, *args)
+    (plain_y, plain_stats), plain_vjp = jax.vjp(plain, *args)
+    assert _rel(y, plain_y) < 1e-5
+    for a, b in zip(stats, plain_stats):
+        assert _rel(a, b) < 1e-5
+    zero_stats = jax.tree.map(jnp.zeros_like, stats)  # the running statistics are not a loss
+    grads, plain_grads = ours_vjp((g, zero_stats)), plain_vjp((g, zero_stats))
+    for i in (0, 1, 3, 4):
+        assert _rel(grads[i], plain_grads[i]) < 1e-5, f"gradient of argument {i}"
+    # BatchNorm removes any per-channel shift: the true gradient of the conv bias is 0, which
+    # autodiff of the plain composition misses by float32 rounding.
+    np.testing.assert_array_equal(grads[2], np.zeros(5, np.float32))
+    assert np.abs(plain_grads[2]).max() < 1e-5 * np.abs(plain_grads[4]).max()
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 8), (2, 5, 7)])
+def test_conv_block_evaluates_like_the_plain_composition(shape):
+    x, kernel, conv_bias, scale, bias, running = _conv_block_inputs("random", shape)
+    y, updated = conv_bn_relu_pool(x, kernel, conv_bias, scale, bias, running, train=False,
+                                   **BLOCK)
+    assert updated is None
+    assert _rel(y, _plain_block(x, kernel, conv_bias, scale, bias, running, False)[0]) < 1e-5
+
+
+def test_conv_block_in_bfloat16_computes_in_bfloat16():
+    x, kernel, conv_bias, scale, bias, running = _conv_block_inputs("random", (4, 6, 8))
+    reference = _plain_block(x, kernel, conv_bias, scale, bias, running, True)[0]
+    for train in (True, False):
+        y, _ = conv_bn_relu_pool(x, kernel, conv_bias, scale, bias, running, train=train,
+                                 dtype=jnp.bfloat16, **BLOCK)
+        assert y.dtype == jnp.bfloat16
+        if train:  # bfloat16's 8-bit mantissa: about 1% of the scale
+            assert _rel(y, reference) < 3e-2
