@@ -469,7 +469,7 @@ def run_in_step_process(step_name: str, tiny: bool, result_path: Path) -> int:
     sizes = TINY if tiny else FULL
     from cbam_jax import runtime
     # As scripts/train.py, before JAX starts: one CPU device per core (nothing on a GPU).
-    runtime.set_cpu_devices(runtime.cpu_devices_for(sizes.batch))
+    runtime.configure_cpu(runtime.cpu_devices_for(sizes.batch))
     import benchmark  # scripts/benchmark.py, beside this file: the contenders and their tables
     result = StepResult(result_path)
     step = next(s for s in STEPS if s.name == step_name)
