@@ -117,6 +117,29 @@ def test_layer_alone_matches(layer, shape):
     assert row.passed, row
 
 
+def _conv_without_bias(next_fun, args, kwargs, context):
+    """A CBAMCNN whose convs leave out their bias, as an engine may before a train-mode
+    BatchNorm (it cancels there exactly)."""
+    out = next_fun(*args, **kwargs)
+    if context.module.path in [(f"conv{i}",) for i in (1, 2, 3)]:
+        out = out - context.module.variables["params"]["bias"]
+    return out
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_conv_bias_left_out_is_invisible_in_train_mode_only(state_dict, train):
+    programs = jax_programs.__wrapped__(LEARNING_RATE, None)  # traced afresh, with the change
+    x, _ = random_batch(SEED, BATCH)
+    with nn.intercept_methods(_conv_without_bias):
+        rows = forward_comparisons(programs, torch_to_flax(state_dict), state_dict, x,
+                                   train).rows
+    activations = [r for r in rows if r.name.split()[1] in LAYERS]
+    if train:
+        assert not _failures(activations)
+    else:  # eval-mode BatchNorm reads the bias: leaving it out is a bug there
+        assert {"eval conv1", "eval bn1", "eval fc2"} <= {r.name for r in rows if not r.passed}
+
+
 # (b) train-mode forward with dropout on, the JAX model's own mask injected into PyTorch's.
 def test_train_forward_with_the_same_dropout_mask_matches(state_dict):
     x, _ = random_batch(SEED, BATCH)
