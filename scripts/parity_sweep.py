@@ -47,12 +47,22 @@ def make_checkpoints(folder: Path, train_seeds, batch_sizes, steps) -> list[Path
 
 
 def run(args: list[str]) -> tuple[int, str]:
-    """`python -m parity ARGS` in this process (the compiled programs are reused): exit code
-    and the report's last line."""
+    """`python -m parity ARGS` in this process (the compiled programs are reused): the exit code
+    and a summary: the report's last line, and the row closest to (or furthest past) its bound."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = parity_main(args)
-    return code, out.getvalue().strip().splitlines()[-1]
+    lines = out.getvalue().strip().splitlines()
+    rows = []  # (JAX err / bound, name, JAX err / PyTorch err) from the table's PASS/FAIL lines
+    for line in lines:
+        if line.endswith(("PASS", "FAIL")):
+            *name, _, jax_error, torch_error, bound, _ = line.split()
+            jax_error, torch_error, bound = float(jax_error), float(torch_error), float(bound)
+            rows.append((jax_error / bound if bound else float(jax_error > 0),
+                         " ".join(name), jax_error / torch_error if torch_error else 0.0))
+    margin, name, ratio = max(rows)
+    return code, (f"{lines[-1]}; worst: {name} at {margin:.3g} of its bound "
+                  f"(JAX/PyTorch err {ratio:.3g})")
 
 
 def main(argv=None) -> int:
