@@ -21,7 +21,7 @@ def main(argv=None) -> int:
                         "torch.save(model.state_dict(), ...)) instead of random weights")
     parser.add_argument("--save-pth", help="write the JAX model's variables after the Adam "
                         "steps here, as a state_dict that CBAM_CNN loads with strict=True")
-    parser.add_argument("--negative-control", choices=list(NEGATIVE_CONTROLS),
+    parser.add_argument("--negative-control", choices=list(NEGATIVE_CONTROLS), metavar="NAME",
                         help="put this deliberate bug in the JAX side; the report must then "
                         "fail (exit 1). " + "; ".join(f"{name}: {why}" for name, (why, _)
                                                        in NEGATIVE_CONTROLS.items()))
