@@ -41,6 +41,18 @@ def test_odd_trailing_rows_and_columns_belong_to_no_window():
     assert mask[0, 0, :2, :2].all() and not mask[0, 0, 2, :].any() and not mask[0, 0, :, 2].any()
 
 
+@pytest.mark.parametrize("values, ambiguous", [
+    ([2.0, 2.0 - 1e-7, 1.0], True),  # runner-up within tau
+    ([2.0, 2.0, 1.0], True),  # exact tie: JAX shares the gradient, PyTorch gives it to the first
+    ([2.0, 1.9, 1.0], False),
+    ([5e-7, 0.0, 0.0], True),  # float32 may round the max to 0, and pass nothing
+    ([0.0, 0.0, 0.0], False),  # all zero: no gradient past the ReLU either way
+])
+def test_gate_maximum_is_ambiguous_within_tau_or_when_tied(values, ambiguous):
+    mask = kinks.gate_maxima(np.asarray(values).reshape(1, 1, 3), (2,), TAU)
+    assert bool(mask.item()) == ambiguous
+
+
 def test_relu_inputs_within_tau_are_kinks_but_exact_zeros_are_not():
     mask = kinks.relu_inputs(np.asarray([0.0, 5e-7, -5e-7, 1e-3, -1e-3]), TAU)
     np.testing.assert_array_equal(mask, [False, True, True, False, False])
