@@ -1,5 +1,5 @@
 """parity.kinks: which kinks float32 cannot decide, and stopping the gradient there alike in both
-frameworks. Budget: a few seconds."""
+frameworks. Budget: about 10 s."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
