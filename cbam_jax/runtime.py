@@ -1,5 +1,8 @@
 """Settings a process makes before JAX's first computation: how many devices a CPU host
-shows, and the persistent compilation cache. `scripts/train.py` calls both first thing."""
+shows and how XLA:CPU compiles (`configure_cpu`), and the persistent compilation cache
+(`enable_compile_cache`). The scripts call them first thing; in a notebook, call them before
+anything else touches JAX (`import jax` alone is fine).
+"""
 import os
 from pathlib import Path
 
@@ -29,11 +32,15 @@ def cpu_devices_chosen_by_user() -> bool:
             or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""))
 
 
-def set_cpu_devices(n: int) -> bool:
-    """Make a CPU host show `n` devices (one per core: XLA:CPU keeps more cores busy running n
-    shards of a batch than one batch on its intra-op threads). Must run before JAX initialises
-    its backends; returns False, changing nothing, if it is too late or if the environment
-    already chose (cpu_devices_chosen_by_user)."""
+def configure_cpu(n: int) -> bool:
+    """Make a CPU host show `n` devices, and set XLA:CPU's flags (below). Must run before JAX
+    initialises its backends; returns False, changing no device count, if it is too late or if
+    the environment already chose one (cpu_devices_chosen_by_user).
+
+    Several devices split each batch; each runs its shard on its own threads, which keeps more
+    cores busy than one device when an op runs single-threaded (docs/benchmarks.md).
+    """
+    _add_xla_flag(EIGEN_CONVOLUTIONS)
     if cpu_devices_chosen_by_user():
         return False
     try:
@@ -41,22 +48,27 @@ def set_cpu_devices(n: int) -> bool:
     except RuntimeError:  # backends already initialised (e.g. called twice in one process)
         return False
     if n > 1:
-        _patient_cpu_collectives()
+        _add_xla_flag(PATIENT_COLLECTIVES)
     return True
 
 
+# XLA:CPU's default hands convolutions to YNNPACK, whose kernels run this model's convolutions
+# on one thread (its kernel gradients 3x slower than XLA's own multi-threaded Eigen kernels);
+# the '-' form removes only convolutions from the default list of YNNPACK fusions, keeping its
+# dots and reductions, which are faster (measured in docs/benchmarks.md).
+EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 # XLA:CPU aborts the process when one device reaches an all-reduce more than 40 s before the
 # others. On an overloaded host (seen here at load average 11-13, two devices on two cores) a
 # device can lag that long without anything being wrong, and the run died mid-epoch; wait up
 # to 10 minutes instead (XLA still warns after 20 s that a device may be stuck).
-_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds"
-COLLECTIVE_TIMEOUT_S = 600
+PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
 
 
-def _patient_cpu_collectives() -> None:
+def _add_xla_flag(flag: str) -> None:
+    """Append `flag` to XLA_FLAGS (read when the CPU backend starts) unless the user set it."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if _COLLECTIVE_TIMEOUT_FLAG not in flags:  # read when the CPU backend starts
-        os.environ["XLA_FLAGS"] = f"{flags} {_COLLECTIVE_TIMEOUT_FLAG}={COLLECTIVE_TIMEOUT_S}".strip()
+    if flag.split("=")[0] not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
 
 
 def default_cache_dir() -> Path:
@@ -71,8 +83,8 @@ def enable_compile_cache(directory) -> Path:
     directory = Path(directory).expanduser().absolute()
     directory.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
-    # By default JAX skips executables that compile in under a second: cache them all, since
-    # the small ones (evaluation, attention maps) add up at start-up too.
+    # By default JAX skips executables that compile in under a second or are small: cache them
+    # all, since the small ones (init's op-by-op compiles, evaluation) add up at start-up too.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return directory

@@ -1,14 +1,16 @@
 """`python -m parity`: compare cbam_jax.CBAMCNN with the tutorial's CBAM_CNN, one row per tensor.
 
-Both models start from identical weights (random, or a tutorial checkpoint via --pth); the
-report covers eval and train forward passes layer by layer, the gradient of every parameter,
-and 5 Adam steps. Exits 1 if any comparison fails.
+Both models start from identical weights (random, or a tutorial checkpoint via --pth); a float64
+run of the tutorial's model is the referee. The report covers eval and train forward passes
+layer by layer, then 5 Adam steps of the engine (gradients of every parameter, updates, BatchNorm
+buffers, logits). Exits 1 if any comparison fails.
 """
 import argparse
 import sys
 
 import jax
 
+from parity.controls import NEGATIVE_CONTROLS
 from parity.convert import flax_to_torch, load_pth, save_pth
 from parity.report import format_table, random_state_dict, run_report
 
@@ -19,28 +21,35 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pth", help="start from this CBAM_CNN state_dict (the tutorial's "
                         "torch.save(model.state_dict(), ...)) instead of random weights")
-    parser.add_argument("--device", default="cpu",
-                        help="where the PyTorch side runs, e.g. 'cuda' (the JAX side runs on "
-                             "JAX's default device: a GPU when jax[cuda] is installed)")
     parser.add_argument("--save-pth", help="write the JAX model's variables after the Adam "
                         "steps here, as a state_dict that CBAM_CNN loads with strict=True")
+    parser.add_argument("--device", default="cpu",
+                        help="where the PyTorch side (float32 and its float64 referee) runs, e.g. "
+                             "'cuda'; the JAX side runs on JAX's default device")
+    parser.add_argument("--negative-control", choices=list(NEGATIVE_CONTROLS), metavar="NAME",
+                        help="put this deliberate bug in the JAX side; the report must then "
+                        "fail (exit 1). " + "; ".join(f"{name}: {why}" for name, (why, _)
+                                                       in NEGATIVE_CONTROLS.items()))
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size < 2:  # train-mode BatchNorm needs more than one value per channel
+        parser.error(f"--batch-size must be >= 2, got {args.batch_size}")
 
     # Through the converter, so a checkpoint of another model fails with its key report.
     state_dict = (flax_to_torch(load_pth(args.pth)) if args.pth
                   else random_state_dict(args.seed))
     print(f"start: {args.pth or f'random weights, seed {args.seed}'}; batch size "
-          f"{args.batch_size}; float32 (no TF32): JAX on {jax.default_backend()}, PyTorch on "
-          f"{args.device}")
-    rows, trained = run_report(state_dict, seed=args.seed, batch_size=args.batch_size,
-                               device=args.device)
-    print(format_table(rows))
+          f"{args.batch_size}; float32 (no TF32), JAX on {jax.default_backend()}, PyTorch on "
+          f"{args.device}; judged against float64"
+          + (f"; negative control: {NEGATIVE_CONTROLS[args.negative_control][0]}"
+             if args.negative_control else ""))
+    report = run_report(state_dict, seed=args.seed, batch_size=args.batch_size,
+                        negative_control=args.negative_control, device=args.device)
+    print(report.headline)
+    print(format_table(report))
     if args.save_pth:
-        save_pth(trained, args.save_pth)
+        save_pth(report.trained, args.save_pth)
         print(f"wrote the JAX variables after the Adam steps to {args.save_pth}")
-    return 0 if all(r.passed for r in rows) else 1
+    return 0 if report.passed else 1
 
 
 if __name__ == "__main__":

@@ -840,7 +840,7 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown sections {unknown}: expected a subset of {list(SECTIONS)}")
     # As scripts/train.py: before JAX starts, one CPU device per core (a no-op on GPU hosts).
-    runtime.set_cpu_devices(runtime.cpu_devices_for(64))
+    runtime.configure_cpu(runtime.cpu_devices_for(64))
     plan = make_plan(args.quick, args.reps, args.full_epoch, args.epoch_images,
                      not args.no_torch_compile)
     report = run(sections, plan, args.full_recipe, args.recipe_epochs)

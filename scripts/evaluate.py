@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     record = read_run_record(args.checkpoint) or {}
     batch_size = record.get("config", {}).get("batch_size", recipe.TrainConfig().batch_size)
     devices = args.devices or record.get("devices") or runtime.cpu_devices_for(batch_size)
-    runtime.set_cpu_devices(devices)  # a CPU host; the same default as scripts/train.py
+    runtime.configure_cpu(devices)  # a CPU host; the same default as scripts/train.py
 
     import jax
 

@@ -189,10 +189,12 @@ def step_smoke(sizes: Sizes, result: StepResult, benchmark):
     from parity.report import format_table, random_state_dict, run_report
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows, _ = run_report(random_state_dict(0), seed=0, batch_size=sizes.parity_batch,
-                         device=device)
-    print(format_table(rows))
-    margin = sorted(rows, key=lambda r: -share_of_tolerance(r))
+    report = run_report(random_state_dict(0), seed=0, batch_size=sizes.parity_batch,
+                        device=device)
+    print(report.headline)
+    print(format_table(report))
+    rows = report.rows
+    margin = sorted(rows, key=lambda r: -r.margin)
     result["parity"] = {
         "jax_backend": jax.default_backend(), "torch_device": device,
         "batch_size": sizes.parity_batch, "passed": sum(r.passed for r in rows),
@@ -206,14 +208,6 @@ def step_smoke(sizes: Sizes, result: StepResult, benchmark):
     exit_code = pytest.main(args + (["-k", sizes.test_filter] if sizes.test_filter else []),
                             plugins=[outcomes])
     result["tests"] = {**result["tests"], "exit_code": int(exit_code)}
-
-
-def share_of_tolerance(row) -> float:
-    """How much of its tolerance a parity comparison used (1.0: at the bound)."""
-    used = row.max_rel if row.relative else row.max_abs
-    if row.tol > 0:
-        return used / row.tol
-    return 0.0 if used == 0 else float("inf")
 
 
 class OutcomeRecorder:
@@ -469,7 +463,7 @@ def run_in_step_process(step_name: str, tiny: bool, result_path: Path) -> int:
     sizes = TINY if tiny else FULL
     from cbam_jax import runtime
     # As scripts/train.py, before JAX starts: one CPU device per core (nothing on a GPU).
-    runtime.set_cpu_devices(runtime.cpu_devices_for(sizes.batch))
+    runtime.configure_cpu(runtime.cpu_devices_for(sizes.batch))
     import benchmark  # scripts/benchmark.py, beside this file: the contenders and their tables
     result = StepResult(result_path)
     step = next(s for s in STEPS if s.name == step_name)

@@ -73,6 +73,9 @@ def figure_names(files: list[Path]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from cbam_jax import runtime
+
+    runtime.configure_cpu(1)  # before JAX starts: XLA:CPU's fast convolutions, one device
     import numpy as np
 
     from cbam_jax.inference import load_image, predict

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     # Before JAX's first computation: CPU devices (one per core) and the compilation cache.
     from cbam_jax import runtime
 
-    cpu_devices_set = runtime.set_cpu_devices(
+    cpu_devices_set = runtime.configure_cpu(
         runtime.cpu_devices_for(config.batch_size, args.devices))
     cache = None if args.no_compile_cache else runtime.enable_compile_cache(
         args.compile_cache or runtime.default_cache_dir())

@@ -272,5 +272,7 @@ def test_onnx_export_meets_standard_ops_and_agrees_with_jax(run_dir, trained, di
                         "Reshape", "Sigmoid", "Mul", "Add", "Concat"}
     assert ops["ReduceMean"] == ops["ReduceMax"] == 6 and ops["MaxPool"] == 3
     x = np.asarray(normalize(digits.test_images[:7]))  # another batch than the export's
-    check = check_onnx(artifact, x, np.asarray(inference.eval_logits(trained.state, x)))
-    assert check.passed, (check.max_abs, check.tol)
+    variables = {"params": trained.state.params, "batch_stats": trained.state.batch_stats}
+    rows = check_onnx(artifact, variables, x, np.asarray(inference.eval_logits(trained.state, x)))
+    assert [row.name for row in rows] == ["ONNX Runtime logits", "JAX logits"]
+    assert all(row.passed for row in rows), rows

@@ -30,8 +30,8 @@ from cbam_jax.train import cross_entropy
 from parity import flax_to_torch, reference, torch_to_flax
 from parity.official import CBAM as OfficialCBAM
 from parity.official import flax_to_official, official_to_flax
-from parity.report import (FORWARD, GRADIENT, RUNNING_STATS, compare, nchw_to_nhwc,
-                           nhwc_to_nchw, random_batch, random_state_dict, torch_model)
+from parity.report import (judge, nchw_to_nhwc, nhwc_to_nchw, random_batch, random_state_dict,
+                           torch_model)
 
 C = 32  # channels of the lone layers
 X = jax.random.normal(jax.random.key(1), (3, 6, 5, C)) + 0.5  # NHWC, non-square
@@ -271,21 +271,27 @@ def test_cbamcnn_eval_logits_equal_linens_and_pytorchs(cnn):
     np.testing.assert_array_equal(logits, models.CBAMCNN().apply(variables, nchw_to_nhwc(x)))
     with torch.no_grad():
         expected = torch_model(state_dict).eval()(x)
-    assert compare("eval logits", logits, expected, FORWARD).passed
+        truth = torch_model(state_dict, torch.float64).eval()(x.double())
+    assert judge("eval logits", logits, expected, truth).passed
 
 
 def test_cbamcnn_train_step_matches_pytorch(cnn, cnn_train_step):
-    """Logits, every gradient (parity.report's tolerances) and the running statistics."""
+    """Logits, every gradient and the running statistics, judged as parity.report judges: JAX's
+    distance to PyTorch float64 against PyTorch float32's."""
     (x, y), (logits, grads, stats), _ = cnn_train_step
-    reference_model = torch_model(cnn[0], dropout=0.0).train()
-    torch_logits = reference_model(x)
-    F.cross_entropy(torch_logits, y).backward()
-    rows = [compare("logits", logits, torch_logits.detach(), FORWARD)]
+    runs = {}
+    for dtype in (torch.float32, torch.float64):
+        model = torch_model(cnn[0], dtype, dropout=0.0).train()
+        out = model(x.to(dtype))
+        F.cross_entropy(out, y).backward()
+        runs[dtype] = (out.detach(), dict(model.named_parameters()), dict(model.named_buffers()))
+    (logits32, params32, buffers32), (logits64, params64, buffers64) = runs.values()
+    rows = [judge("logits", logits, logits32, logits64)]
     converted = flax_to_torch({"params": grads, "batch_stats": stats})
-    for name, p in reference_model.named_parameters():
-        rows.append(compare(f"grad {name}", converted[name], p.grad, GRADIENT))
-    for name, buffer in reference_model.named_buffers():
-        rows.append(compare(name, converted[name], buffer, RUNNING_STATS))
+    for name, p in params32.items():
+        rows.append(judge(f"grad {name}", converted[name], p.grad, params64[name].grad))
+    for name, buffer in buffers32.items():
+        rows.append(judge(name, converted[name], buffer, buffers64[name]))
     assert len(rows) == 1 + 25 + 9
     assert [r.name for r in rows if not r.passed] == []
 

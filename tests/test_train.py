@@ -282,6 +282,34 @@ def test_evaluation_covers_every_test_image_exactly_once(digits, full_run):
     assert acc == pytest.approx(expected_acc, abs=1e-9)
 
 
+def test_training_compiles_the_train_step_once_per_call_shape(tmp_path):
+    """Two epochs through `fit`: each distinct CallShape of the epoch plan compiles once (a
+    state placed on one device, or anything else that changes between calls, would make the
+    second epoch compile again). Batch 40: no other test compiles it, so the count starts at 0."""
+    rng = np.random.default_rng(0)
+    n = 3 * 40 + 8  # batches 0-2 of 40, batch 3 of 8; hist_every=2 takes gradients at 1 and 3
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    small = dataclasses.replace(load_dataset("digits", log=quiet), train_images=images,
+                                train_labels=labels)
+    config = TrainConfig(epochs=2, batch_size=40, log_every=1000, hist_every=2)
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        fit(config, small, tmp_path / "run", log=quiet, progress_stream=open("/dev/null", "w"))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    shapes = {call.shape for call in epoch_plan(n, 40, 1, config.hist_every)}
+    assert len(shapes) == 3  # (40, no gradients), (40, gradients), (8, gradients)
+    assert compiled.count("jit(train_batches)") == len(shapes), compiled
+    assert compiled.count("jit(eval_batches)") == 1, compiled
+
+
 def test_tutorial_epoch_plan_keeps_the_final_batch_of_16():
     plan = epoch_plan(50_000, 64, steps_per_call=1, hist_every=500)
     assert len(plan) == 782  # 781 full batches + the DataLoader's final batch of 16

@@ -141,3 +141,21 @@ def test_resume_of_a_directory_with_nothing_to_resume_leaves_it_empty(script, ca
     assert "holds no run record (run.json): nothing to resume" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no checkpoints/latest, checkpoints/best
 
+
+
+def test_a_second_run_compiles_nothing(tmp_path):
+    """Every compile of the first run lands in the persistent cache (minimum compile time 0),
+    so a second run that compiled anything would add an entry: it adds none. (A subprocess
+    each: JAX reads the cache settings before its first compile.)"""
+    cache = tmp_path / "cache"
+    flags = ["--dataset", "digits", "--epochs", "1", "--devices", "1", "--log-every", "1000",
+             "--hist-every", "1000", "--compile-cache", str(cache)]
+    entries = []
+    for run in ("first", "second"):
+        result = subprocess.run([sys.executable, str(SCRIPT), *flags, "--run-dir",
+                                 str(tmp_path / run)], capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        entries.append(sorted(p.name for p in cache.iterdir()))
+    assert len(entries[0]) > 10  # the train step, evaluation, init's many small programs
+    assert entries[1] == entries[0]
