@@ -46,9 +46,12 @@ class ConvSame(nn.Module):
     bias_init: Callable = nn.initializers.zeros
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    matmul: bool = False  # one output feature as `ops.spatial_conv` (a Toeplitz matmul)
 
     def __call__(self, x):  # x: [B, H, W, in] -> [B, H, W, features]
         kernel, bias = self.weights(x.shape[-1])
+        if self.matmul:
+            return ops.spatial_conv(x, kernel, bias, self.dtype)
         dtype = self.dtype or jnp.result_type(*(a for a in (x, kernel, bias) if a is not None))
         y = ops.conv_same(x.astype(dtype), kernel.astype(dtype))
         return y if bias is None else y + bias.astype(dtype)
@@ -64,16 +67,19 @@ class ConvSame(nn.Module):
         return kernel, bias
 
 
-def recording_layer_outputs() -> bool:
-    """Whether an `apply(..., capture_intermediates=...)` is recording what each module returns.
+def layer_by_layer() -> bool:
+    """Whether the modules being applied are watched one by one: an `apply(...,
+    capture_intermediates=...)` records what each returns, or an `nn.intercept_methods`
+    interceptor sees each call (parity.kinks stops gradients at module inputs and outputs).
 
     CBAMCNN and CBAM then run layer by layer, not as their fused ops, so that the conv's, the
-    BatchNorm's and each gate's output exist to be recorded (parity's layer-by-layer report).
-    Flax keeps the capture filter on a private stack; tests/test_models.py fails if it moves.
+    BatchNorm's and each gate's call happens to be recorded or intercepted (parity's
+    layer-by-layer report and its Adam steps). Flax keeps the capture filter and the
+    interceptors on private stacks; tests/test_models.py fails if they move.
     """
     from flax.linen import module
     stack = getattr(getattr(module, "_context", None), "capture_stack", None)
-    return bool(stack and stack[-1])
+    return bool(stack and stack[-1]) or bool(getattr(module, "_global_interceptor_stack", None))
 
 
 class ChannelAttention(nn.Module):
@@ -143,15 +149,13 @@ class SpatialAttention(nn.Module):
         ops.check_names(self.pool_order, ops.SPATIAL_POOLS, "SpatialAttention.pool_order")
         ops.check_kernel_size(self.kernel_size, "SpatialAttention")
         k, maps = self.kernel_size, len(self.pool_order)
-        kernel, bias = ConvSame(1, k, use_bias=self.use_bias,
-                                bias_init=torch_bias_init(k * k * maps),
-                                param_dtype=self.param_dtype, name="conv").weights(maps)
+        conv = ConvSame(1, k, use_bias=self.use_bias, bias_init=torch_bias_init(k * k * maps),
+                        dtype=self.dtype, param_dtype=self.param_dtype, matmul=True, name="conv")
         norm = (BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
                           param_dtype=self.param_dtype, name="bn") if self.use_bn else None)
 
         def logits(maps):  # [B, H, W, P] -> [B, H, W, 1]
-            y = ops.spatial_conv(maps, kernel, bias, self.dtype)
-            return norm(y, train) if norm else y
+            return norm(conv(maps), train) if norm else conv(maps)
 
         y, attention = ops.spatial_attention(x, logits, self.pool_order, self.gate)
         self.sow_gate(attention)
@@ -213,7 +217,7 @@ class CBAM(nn.Module):
             name="spatial_attn")
         tutorial = has_tutorial_arithmetic(**{k: getattr(self, k) for k in TUTORIAL_ARITHMETIC})
         if (train and tutorial and all_float32(x, self.dtype, self.param_dtype)
-                and not self.is_initializing() and not recording_layer_outputs()):
+                and not self.is_initializing() and not layer_by_layer()):
             # The layers own the weights (init makes them through the path below).
             w1, w2 = channel.kernels()
             ops.check_channels(x, w1.shape[0], "ChannelAttention")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from cbam_jax import ops
 from cbam_jax.data import IMAGE_SHAPE
-from cbam_jax.layers import (CBAM, BatchNorm, ConvSame, recording_layer_outputs, torch_bias_init,
+from cbam_jax.layers import (CBAM, BatchNorm, ConvSame, layer_by_layer, torch_bias_init,
                              torch_kernel_init)
 
 BLOCK_CHANNELS = (32, 64, 128)
@@ -45,12 +45,12 @@ class CBAMCNN(nn.Module):
         check_input(x)
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         in_channels = x.shape[-1]
-        layer_by_layer = recording_layer_outputs()
+        watched = layer_by_layer()
         for i, channels in enumerate(BLOCK_CHANNELS, start=1):
             conv = ConvSame(channels, 3, bias_init=torch_bias_init(9 * in_channels),
                             name=f"conv{i}", **dtypes)
             bn = BatchNorm(name=f"bn{i}", **dtypes)
-            if layer_by_layer:
+            if watched:
                 x = ops.max_pool_2x2(nn.relu(bn(conv(x), train)))
             else:
                 block = functools.partial(ops.conv_bn_relu_pool, x, *conv.weights(in_channels))

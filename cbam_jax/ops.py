@@ -377,9 +377,14 @@ def _max_pool_fwd(x):
 
 
 def _max_pool_bwd(residuals, g):
+    return _max_pool_backward(residuals, g, _first_maxima)
+
+
+def _max_pool_backward(residuals, g, route: Callable):
+    """max_pool_2x2's gradient, sent where `route` (`_first_maxima`'s signature) says."""
     x, y = residuals
     # Ties after ReLU are common (all-zero windows): only the first maximum takes g.
-    hits = _first_maxima(_quadrants(x), y, jnp.zeros(y.shape, bool))
+    hits = route(_quadrants(x), y, jnp.zeros(y.shape, bool))
     return (_from_quadrants([jnp.where(hit, g, jnp.zeros((), g.dtype)) for hit in hits],
                             x.shape),)
 

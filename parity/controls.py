@@ -27,13 +27,15 @@ def _fc1_unpermuted(kind, a):
     return a.T if kind == "fc1" else _torch_to_flax_array(kind, a)
 
 
-def _biased_running_variance(x, scale, bias, epsilon):
-    """batch_norm_train whose variance output, from which BatchNorm updates running_var
-    (rescaled by n / (n - 1)), is scaled by (n - 1) / n: the running variance then follows the
-    biased batch variance, as flax.linen.BatchNorm's does. Normalisation is unchanged."""
-    y, mean, var = ops.batch_norm_train(x, scale, bias, epsilon)
-    n = x.size // x.shape[-1]
-    return y, mean, var * ((n - 1) / n)
+_updated_running = ops._updated_running
+
+
+def _biased_running_update(running, mean, var, n, momentum):
+    """BatchNorm's running-statistics update (every BatchNorm goes through it, the fused
+    conv blocks' included) fed the batch variance scaled by (n - 1) / n: the running variance
+    then follows the biased batch variance, as flax.linen.BatchNorm's does. Normalisation is
+    unchanged."""
+    return _updated_running(running, mean, var * ((n - 1) / n), n, momentum)
 
 
 def _adam_without_bias_correction(learning_rate: float) -> optax.GradientTransformation:
@@ -54,26 +56,31 @@ def _adam_without_bias_correction(learning_rate: float) -> optax.GradientTransfo
     return optax.GradientTransformation(init, update)
 
 
-@jax.custom_vjp
-def _max_pool_gradient_to_every_maximum(x):
-    return ops.max_pool_2x2(x)
+def _every_maximum(quadrants, maxima, taken):
+    """ops._first_maxima's signature, but every element equal to its window's max takes the
+    whole window's gradient, not the first one only."""
+    return [(q == maxima) & ~taken for q in quadrants]
 
 
-def _every_maximum_fwd(x):
-    y = ops.max_pool_2x2(x)
-    return y, (x, y)
+# The max-pool with that routing, and CBAMCNN's fused BatchNorm + ReLU + max-pool (float32
+# training of its blocks) as BatchNorm, ReLU and that max-pool: the fused op's backward assumes
+# one element per window takes the gradient.
+_max_pool_2x2 = jax.custom_vjp(lambda x: ops._windows(x).max(axis=(2, 4)))
+_max_pool_2x2.defvjp(ops._max_pool_fwd,
+                     lambda r, g: ops._max_pool_backward(r, g, _every_maximum))
 
 
-def _every_maximum_bwd(residuals, g):
-    """The whole window's gradient to each element equal to its max, not to the first only."""
-    x, y = residuals
-    b, h, w, c = x.shape  # even h and w in CBAMCNN
-    windows = x.reshape(b, h // 2, 2, w // 2, 2, c)
-    hit = windows == y[:, :, None, :, None, :]
-    return (jnp.where(hit, g[:, :, None, :, None, :], 0.0).reshape(x.shape),)
+def _batch_norm_relu_pool_train(x, scale, bias, epsilon):
+    y, mean, var = ops.batch_norm_train(x, scale, bias, epsilon)
+    return _max_pool_2x2(jax.nn.relu(y)), mean, var
 
 
-_max_pool_gradient_to_every_maximum.defvjp(_every_maximum_fwd, _every_maximum_bwd)
+@contextlib.contextmanager
+def _gradient_to_every_maximum():
+    with mock.patch("cbam_jax.ops.max_pool_2x2", _max_pool_2x2), \
+            mock.patch("cbam_jax.ops.batch_norm_relu_pool_train", _batch_norm_relu_pool_train):
+        yield
+
 
 # name: (what is wrong, how to make it so while the report runs)
 NEGATIVE_CONTROLS = {
@@ -82,7 +89,7 @@ NEGATIVE_CONTROLS = {
         lambda: mock.patch("parity.convert._torch_to_flax_array", _fc1_unpermuted)),
     "flax-running-variance": (
         "BatchNorm: running_var updated with the biased batch variance, as Flax's does",
-        lambda: mock.patch("cbam_jax.ops.batch_norm_train", _biased_running_variance)),
+        lambda: mock.patch("cbam_jax.ops._updated_running", _biased_running_update)),
     "adam-no-bias-correction": (
         "optimizer: Adam without bias correction",
         lambda: mock.patch("parity.report.make_optimizer", _adam_without_bias_correction)),
@@ -96,7 +103,7 @@ NEGATIVE_CONTROLS = {
                            functools.partial(CBAM, spatial_pool_order=("max", "avg")))),
     "max-pool-gradient-to-every-maximum": (
         "max-pool: the gradient of a tied window sent to every maximum, not the first",
-        lambda: mock.patch("cbam_jax.models.max_pool_2x2", _max_pool_gradient_to_every_maximum)),
+        _gradient_to_every_maximum),
 }
 
 

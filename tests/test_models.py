@@ -324,3 +324,20 @@ def test_capture_intermediates_records_every_layers_output(perturbed, train):
         for gate in ("channel_attn", "spatial_attn"):
             assert recorded[f"cbam{i}"][gate]["__call__"][0].shape == pooled
     assert _rel(logits, fused) < FORWARD_TOLERANCE
+
+
+def test_intercepted_module_calls_run_layer_by_layer(variables):
+    """Under nn.intercept_methods (parity.kinks stops gradients at bn{i}'s output and the gates'
+    inputs) every layer is its own module call: no fused block or CBAM op in the program."""
+    x = jnp.zeros((2, 32, 32, 3))
+
+    def jaxpr():
+        return str(jax.make_jaxpr(lambda v: CBAMCNN().apply(
+            v, x, train=True, rngs={"dropout": jax.random.key(0)},
+            mutable=["batch_stats"]))(variables))
+
+    fused = jaxpr()
+    with nn.intercept_methods(lambda next_fun, args, kwargs, context: next_fun(*args, **kwargs)):
+        intercepted = jaxpr()
+    for op in ("batch_norm_relu_pool_train", "cbam_tutorial"):
+        assert op in fused and op not in intercepted, op

@@ -19,7 +19,7 @@ import torch
 
 from cbam_jax import CBAM, CBAMCNN, ChannelAttention, SpatialAttention
 from cbam_jax.train import make_optimizer
-from parity import reference, torch_to_flax
+from parity import controls, reference, torch_to_flax
 from parity.__main__ import main
 from parity.controls import NEGATIVE_CONTROLS
 from parity.report import (ADAM_STEPS, EPS32, LAYERS, LEARNING_RATE, Comparison, Report,
@@ -326,3 +326,69 @@ def test_cli_rejects_a_batch_of_one(capsys):
     with pytest.raises(SystemExit):
         main(["--batch-size", "1"])
     assert "--batch-size must be >= 2, got 1" in capsys.readouterr().err
+
+
+# (d) the JAX-side controls reach the fused ops of CBAMCNN's blocks too (issue 12). The report
+# runs the model layer by layer (it records and intercepts module calls; layers.layer_by_layer),
+# so it sees the plain ops; training outside the report runs `ops.conv_bn_relu_pool`, whose
+# BatchNorm, running update and max-pool must carry the same bug.
+
+def _tied_block_inputs():
+    """A conv block's arguments where the BatchNorm output has positive exact ties in whole
+    2x2 windows (a flat image region: equal conv outputs inside it) and n = 2 x 8 x 8 = 128."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    x[:, 1:7, 1:7, :] = 0.75  # conv outputs at rows/columns 2..5 all equal per channel
+    kernel = jnp.asarray(rng.normal(0, 0.3, (3, 3, 3, 4)), jnp.float32)
+    conv_bias = jnp.asarray(rng.normal(size=4), jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32)
+    bias = jnp.full((4,), 2.0, jnp.float32)  # the tied windows normalise to > 0
+    running = (jnp.zeros(4, jnp.float32), jnp.zeros(4, jnp.float32))
+    return jnp.asarray(x), kernel, conv_bias, scale, bias, running
+
+
+def _block_vjp(layer_by_layer: bool):
+    """(y, running) of the block in training and d sum(y * g) / d(x, kernel), as
+    `ops.conv_bn_relu_pool` or as CBAMCNN's layer-by-layer path computes them."""
+    from cbam_jax import ops
+    x, kernel, conv_bias, scale, bias, running = _tied_block_inputs()
+    kw = dict(train=True, momentum=0.1, epsilon=1e-5)
+
+    def block(x, kernel):
+        if layer_by_layer:
+            h = ops.conv_same(x, kernel) + conv_bias
+            z, updated = ops.batch_norm(h, scale, bias, running, **kw)
+            return ops.max_pool_2x2(jax.nn.relu(z)), updated
+        return ops.conv_bn_relu_pool(x, kernel, conv_bias, scale, bias, running, **kw)
+
+    (y, updated), vjp = jax.vjp(block, x, kernel)
+    g = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+    return y, updated, vjp((g, jax.tree.map(jnp.zeros_like, updated)))
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# Fused vs layer-by-layer: float32 sums over n = 128 values in other orders, each within
+# n * eps32 = 1.5e-5 relative of the exact sum in the worst case; 3e-5 covers a few in a row.
+PATHS_TOLERANCE = 3e-5
+
+
+@pytest.mark.parametrize("name", ["flax-running-variance", "max-pool-gradient-to-every-maximum"])
+def test_a_control_puts_its_bug_in_the_fused_block_and_the_layer_path_alike(name):
+    normal = _block_vjp(layer_by_layer=False)
+    with controls.applied(name):
+        fused, layers = _block_vjp(False), _block_vjp(True)
+    # Inside the control the two paths agree (values, running statistics, gradients) ...
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(layers)):
+        assert _rel(a, b) < PATHS_TOLERANCE
+    np.testing.assert_array_equal(fused[0], normal[0])  # the forward is not what is wrong
+    if name == "flax-running-variance":
+        # ... and the fused block's running variance is the biased one: (n - 1) / n of it.
+        np.testing.assert_allclose(fused[1][1], normal[1][1] * (127 / 128), rtol=PATHS_TOLERANCE)
+        assert _rel(fused[2][0], normal[2][0]) < PATHS_TOLERANCE
+    else:
+        # ... and the tied windows' gradient reaches all four elements, changing the input's.
+        assert _rel(fused[2][0], normal[2][0]) > 0.1
