@@ -121,7 +121,8 @@ def _conv_without_bias(next_fun, args, kwargs, context):
     """A CBAMCNN whose convs leave out their bias, as an engine may before a train-mode
     BatchNorm (it cancels there exactly)."""
     out = next_fun(*args, **kwargs)
-    if context.module.path in [(f"conv{i}",) for i in (1, 2, 3)]:
+    if (context.module.path in [(f"conv{i}",) for i in (1, 2, 3)]
+            and context.method_name == "__call__"):  # not its `weights`
         out = out - context.module.variables["params"]["bias"]
     return out
 
