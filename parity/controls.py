@@ -18,7 +18,9 @@ from cbam_jax.layers import CBAM, BatchNorm
 from parity import convert
 
 
+# The originals, taken before any control patches them (a patched name would call itself).
 _torch_to_flax_array = convert._torch_to_flax_array
+_batch_norm_train = ops.batch_norm_train
 
 
 def _fc1_unpermuted(kind, a):
@@ -31,7 +33,7 @@ def _biased_running_variance(x, scale, bias, epsilon):
     """batch_norm_train whose variance output, from which BatchNorm updates running_var
     (rescaled by n / (n - 1)), is scaled by (n - 1) / n: the running variance then follows the
     biased batch variance, as flax.linen.BatchNorm's does. Normalisation is unchanged."""
-    y, mean, var = ops.batch_norm_train(x, scale, bias, epsilon)
+    y, mean, var = _batch_norm_train(x, scale, bias, epsilon)
     n = x.size // x.shape[-1]
     return y, mean, var * ((n - 1) / n)
 
