@@ -18,16 +18,16 @@ from cbam_jax.layers import CBAM, BatchNorm
 from parity import convert
 
 
+# The originals, taken before any control patches them (a patched name would call itself).
 _torch_to_flax_array = convert._torch_to_flax_array
+_batch_norm_train = ops.batch_norm_train
+_updated_running = ops._updated_running
 
 
 def _fc1_unpermuted(kind, a):
     """The converter without fc1's flatten permutation: PyTorch's (C, H, W) input order read
     as NHWC's (H, W, C), a plain transpose like any other Linear."""
     return a.T if kind == "fc1" else _torch_to_flax_array(kind, a)
-
-
-_updated_running = ops._updated_running
 
 
 def _biased_running_update(running, mean, var, n, momentum):
@@ -71,7 +71,7 @@ _max_pool_2x2.defvjp(ops._max_pool_fwd,
 
 
 def _batch_norm_relu_pool_train(x, scale, bias, epsilon):
-    y, mean, var = ops.batch_norm_train(x, scale, bias, epsilon)
+    y, mean, var = _batch_norm_train(x, scale, bias, epsilon)
     return _max_pool_2x2(jax.nn.relu(y)), mean, var
 
 

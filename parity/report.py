@@ -125,7 +125,8 @@ def adam_bias_correction_ulps(t: int) -> float:
 # --- inputs -----------------------------------------------------------------------------------
 
 def nhwc_to_nchw(x) -> np.ndarray:
-    return np.asarray(x).transpose(0, 3, 1, 2)
+    # Contiguous: a transposed view reaches the tutorial's x.view(-1, ...) as an error.
+    return np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))
 
 
 def nchw_to_nhwc(x: torch.Tensor) -> jax.Array:

@@ -146,7 +146,8 @@ def _device_line(jax, mesh, cpu_devices_set: bool) -> str:
     line = f"Device: {jax.devices()[0]} ({jax.default_backend()})"
     if jax.default_backend() == "cpu" and cpu_devices_set:
         line += (f", {mesh.size} host device(s) for {usable_cores()} usable core(s): each batch "
-                 f"is split over them (--devices N to choose)")
+                 f"is split over them (--devices N to choose); convolutions on XLA's Eigen "
+                 f"kernels")
     elif mesh.size > 1:
         line += f", data parallel over {mesh.size} devices in {jax.process_count()} process(es)"
     return line
