@@ -144,20 +144,30 @@ def _plain_cbam(x, w1, w2, kernel):
                              jax.nn.sigmoid)
 
 
+# Float32: each output and gradient is a short chain of sums over at most H x W x C = 2048
+# values (the channel gate's reductions), rounded in other orders on the two sides; 1e-5 of the
+# largest entry is ~80 float32 ulps. Float64 checks the formulas themselves: 1e-12 (~4500 ulps).
+CBAM_TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape, hidden, k", [((3, 8, 8, 32), 2, 7),  # the tutorial's CBAM
+                                              ((2, 5, 7, 12), 3, 3)])  # odd sizes, other k
 @pytest.mark.parametrize("ties", [False, True])
-def test_cbam_tutorial_matches_autodiff_of_the_two_gates(ties):
+def test_cbam_tutorial_matches_autodiff_of_the_two_gates(ties, shape, hidden, k, dtype):
     rng = np.random.default_rng(5)
-    x = rng.normal(size=(3, 8, 8, 32)).astype(np.float32)
+    x = rng.normal(size=shape)
     if ties:  # as after ReLU and pooling: all-zero maps and repeated maxima
         x = np.maximum(x, 0.0)
         x[0] = 0.0
         x[1, :, :, :4] = x[1].max()
-    weights = [rng.normal(0, 0.3, shape).astype(np.float32)
-               for shape in ((32, 2), (2, 32), (7, 7, 2, 1))]
-    cotangents = (jnp.asarray(rng.normal(size=x.shape), jnp.float32),  # the output's
-                  jnp.asarray(rng.normal(size=(3, 8, 8, 1)), jnp.float32))  # the gate's
-    _assert_vjps_match(cbam_tutorial, _plain_cbam, (jnp.asarray(x), *map(jnp.asarray, weights)),
-                       cotangents)
+    c = shape[-1]
+    weights = [rng.normal(0, 0.3, s) for s in ((c, hidden), (hidden, c), (k, k, 2, 1))]
+    cotangents = (rng.normal(size=shape), rng.normal(size=shape[:3] + (1,)))  # output, gate
+    with jax.enable_x64(dtype == "float64"):
+        cast = lambda a: jnp.asarray(np.asarray(a, dtype))
+        _assert_vjps_match(cbam_tutorial, _plain_cbam, tuple(map(cast, (x, *weights))),
+                           tuple(map(cast, cotangents)), tol=CBAM_TOLERANCE[dtype])
 
 
 def _plain_block(x, kernel, conv_bias, scale, bias, running, train):
