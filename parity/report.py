@@ -304,6 +304,7 @@ def engine(learning_rate: float):
 @dataclasses.dataclass(frozen=True)
 class JaxPrograms:
     forward: Callable  # (variables, x NHWC, train) -> (outputs, {'intermediates', 'batch_stats'})
+    fused: Callable  # (variables, x NHWC, train) -> (logits, {'batch_stats'}): as training runs
     init: Callable  # see engine
     step: Callable
 
@@ -317,7 +318,11 @@ def jax_programs(learning_rate: float, negative_control: str | None) -> JaxProgr
     forward = jax.jit(functools.partial(model.apply, capture_intermediates=True,
                                         mutable=["intermediates", "batch_stats"]),
                       static_argnames="train")
-    return JaxPrograms(forward, *engine(learning_rate))
+    # Recording outputs makes the model run layer by layer (cbam_jax.layers.layer_by_layer);
+    # a plain apply runs the fused ops that training, evaluation and export run.
+    fused = jax.jit(functools.partial(model.apply, mutable=["batch_stats"]),
+                    static_argnames="train")
+    return JaxPrograms(forward, fused, *engine(learning_rate))
 
 
 def jax_layers(programs: JaxPrograms, variables, x: torch.Tensor, train: bool):
@@ -357,7 +362,7 @@ def _adam_state(opt_state):
 class ForwardPass:
     """The three forward passes over one batch, and their rows."""
     rows: list[Comparison]
-    jax_logits: np.ndarray
+    jax_logits: np.ndarray  # from the fused path, which training and inference run
     torch_logits: np.ndarray
 
 
@@ -372,6 +377,7 @@ def forward_comparisons(programs: JaxPrograms, variables, state_dict, x: torch.T
     run32, run64 = (torch_forward(torch_model(state_dict, dtype, device=device), x, train)
                     for dtype in (torch.float32, torch.float64))
     got, batch_stats = jax_layers(programs, variables, x, train)
+    fused_logits, fused_state = programs.fused(variables, nchw_to_nhwc(x), train=train)
     rows = []
     for name in LAYERS:
         values = (got[name], run32.layers[name], run64.layers[name])
@@ -382,12 +388,15 @@ def forward_comparisons(programs: JaxPrograms, variables, state_dict, x: torch.T
             values = [_float64(v) - _float64(v).mean(axis=(0, 2, 3), keepdims=True)
                       for v in values]
         rows.append(judge(f"{mode} {name}", *values))
+    rows.append(judge(f"{mode} logits, fused", fused_logits, run32.logits, run64.logits))
     if train:
-        converted = flax_to_torch({**variables, "batch_stats": batch_stats})
         expected32, expected64 = run32.model.state_dict(), run64.model.state_dict()
-        rows += [judge(f"{mode} {name}", converted[name], expected32[name], expected64[name])
-                 for name in converted if name.rsplit(".", 1)[-1] in _BUFFERS]
-    return ForwardPass(rows, got["fc2"], _float64(run32.logits))
+        for path, stats in (("", batch_stats), (", fused", fused_state["batch_stats"])):
+            converted = flax_to_torch({**variables, "batch_stats": stats})
+            rows += [judge(f"{mode} {name}{path}", converted[name], expected32[name],
+                           expected64[name])
+                     for name in converted if name.rsplit(".", 1)[-1] in _BUFFERS]
+    return ForwardPass(rows, np.asarray(fused_logits), _float64(run32.logits))
 
 
 def without_running_statistics(state_dict) -> "OrderedDict[str, torch.Tensor]":
@@ -495,7 +504,7 @@ def eval_headline(eval_pass: ForwardPass) -> str:
     """Max |JAX - PyTorch| of the eval logits and how often their argmax agrees."""
     jax_logits, torch_logits = eval_pass.jax_logits, eval_pass.torch_logits
     agree = int(np.sum(jax_logits.argmax(-1) == torch_logits.argmax(-1)))
-    row = next(r for r in eval_pass.rows if r.name == "eval fc2")
+    row = next(r for r in eval_pass.rows if r.name == "eval logits, fused")
     return (f"eval logits on the fixed batch, JAX vs PyTorch float32: max |diff| "
             f"{np.max(np.abs(jax_logits - torch_logits)):.2e}, argmax agrees "
             f"{agree}/{len(jax_logits)} (distance to float64: JAX {row.jax_error:.2e}, "
@@ -536,7 +545,7 @@ def run_report(state_dict, seed: int = 0, batch_size: int = 16, adam_steps: int 
         trained = {"params": state.params, "batch_stats": state.batch_stats}
         final = forward_comparisons(programs, trained, flax_to_torch(trained), x, train=False,
                                     device=device)
-        logits = next(r for r in final.rows if r.name == "eval fc2")
+        logits = next(r for r in final.rows if r.name == "eval logits, fused")
         rows.append(dataclasses.replace(logits, name=f"adam{adam_steps} eval logits"))
     return Report(eval_headline(eval_pass), rows, counts, exact_ties, trained)
 

@@ -8,6 +8,7 @@ JAX programs, and one CLI run.
 """
 import subprocess
 import sys
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -17,7 +18,7 @@ import optax
 import pytest
 import torch
 
-from cbam_jax import CBAM, CBAMCNN, ChannelAttention, SpatialAttention
+from cbam_jax import CBAM, CBAMCNN, ChannelAttention, SpatialAttention, ops
 from cbam_jax.train import make_optimizer
 from parity import controls, reference, torch_to_flax
 from parity.__main__ import main
@@ -76,7 +77,8 @@ def test_eval_forward_matches_layer_by_layer(programs, state_dict, batch_size):
     x, _ = random_batch(SEED + batch_size, batch_size)
     rows = forward_comparisons(programs, torch_to_flax(state_dict), state_dict, x,
                                train=False).rows
-    assert [r.name for r in rows] == [f"eval {name}" for name in LAYERS]  # fc2 = the logits
+    # fc2 = the logits, layer by layer; then the fused path's, as training and inference run
+    assert [r.name for r in rows] == [f"eval {name}" for name in LAYERS] + ["eval logits, fused"]
     assert not _failures(rows)
 
 
@@ -141,6 +143,24 @@ def test_a_conv_bias_left_out_is_invisible_in_train_mode_only(state_dict, train)
         assert {"eval conv1", "eval bn1", "eval fc2"} <= {r.name for r in rows if not r.passed}
 
 
+_conv_bn_relu_pool = ops.conv_bn_relu_pool  # the original: the patch below would call itself
+
+
+def _block_without_conv_bias(x, kernel, conv_bias, *args, **kwargs):
+    return _conv_bn_relu_pool(x, kernel, jnp.zeros_like(conv_bias), *args, **kwargs)
+
+
+def test_the_fused_rows_judge_the_fused_path(state_dict):
+    """A bug only in the fused block (its conv bias dropped, which eval mode reads) fails the
+    fused eval logits and leaves the layer-by-layer rows passing: the fused rows can fail."""
+    programs = jax_programs.__wrapped__(LEARNING_RATE, None)  # traced afresh, with the bug
+    x, _ = random_batch(SEED, BATCH)
+    with mock.patch("cbam_jax.ops.conv_bn_relu_pool", _block_without_conv_bias):
+        rows = forward_comparisons(programs, torch_to_flax(state_dict), state_dict, x,
+                                   train=False).rows
+    assert [r.name for r in rows if not r.passed] == ["eval logits, fused"]
+
+
 # (b) train-mode forward with dropout on, the JAX model's own mask injected into PyTorch's.
 def test_train_forward_with_the_same_dropout_mask_matches(state_dict):
     x, _ = random_batch(SEED, BATCH)
@@ -183,7 +203,9 @@ def test_report_covers_every_layer_parameter_and_buffer(random_report):
     expected = ([f"eval {n}" for n in LAYERS] + [f"train {n}" for n in LAYERS]
                 + [f"train {n}" for n in BUFFERS] + [f"grad {n}" for n in PARAM_NAMES]
                 + [f"adam {n}" for n in PARAM_NAMES] + [f"adam {n}" for n in BUFFERS]
-                + ["adam train logits", f"adam{ADAM_STEPS} eval logits"])
+                + ["adam train logits", f"adam{ADAM_STEPS} eval logits"]
+                + ["eval logits, fused", "train logits, fused"]
+                + [f"train {n}, fused" for n in BUFFERS])
     assert sorted(names) == sorted(expected)
 
 
@@ -299,7 +321,9 @@ def test_cli_prints_the_eval_logits_first_and_exports(checkpoints, tmp_path):
     assert lines[2].split() == ["comparison", "max", "|f64|", "JAX", "err", "PyTorch", "err",
                                 "bound", "result"]
     rows = [line for line in lines if line.endswith(("PASS", "FAIL"))]
-    assert len(rows) == len(LAYERS) * 2 + len(BUFFERS) * 2 + len(PARAM_NAMES) * 2 + 2
+    # eval and train: each layer and the fused path's logits; train's running statistics from
+    # both paths; the Adam steps' gradients, updates and buffers; train and final eval logits.
+    assert len(rows) == ((len(LAYERS) + 1) * 2 + len(BUFFERS) * 3 + len(PARAM_NAMES) * 2 + 2)
     assert all(line.endswith("PASS") for line in rows)
 
     exported = reference.CBAM_CNN()
@@ -351,7 +375,6 @@ def _tied_block_inputs():
 def _block_vjp(layer_by_layer: bool):
     """(y, running) of the block in training and d sum(y * g) / d(x, kernel), as
     `ops.conv_bn_relu_pool` or as CBAMCNN's layer-by-layer path computes them."""
-    from cbam_jax import ops
     x, kernel, conv_bias, scale, bias, running = _tied_block_inputs()
     kw = dict(train=True, momentum=0.1, epsilon=1e-5)
 
