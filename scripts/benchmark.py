@@ -20,6 +20,7 @@ Writes a markdown table to stdout and `<out>/benchmark.md` and `<out>/benchmark.
 `scripts/gpu_check.py` runs these contenders on a GPU, with more variants of the train call.
 """
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -38,7 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cbam_jax import distributed, models, ops, runtime, train
+from cbam_jax import distributed, ops, runtime, train
 from cbam_jax import nnx as cbam_nnx
 from cbam_jax.augment import augment, normalize
 from cbam_jax.data import IMAGE_SHAPE, Dataset
@@ -245,13 +246,19 @@ def train_call(loop: str, compiler_options: tuple = ()):
                    donate_argnames=("state", "record"), compiler_options=dict(compiler_options))
 
 
+# cbam_jax.ops's kernels with hand-written gradients (jax.custom_vjp), by name.
+CUSTOM_GRADIENT_OPS = tuple(name for name, value in vars(ops).items()
+                            if isinstance(value, jax.custom_vjp))
+
+
 def without_custom_gradients(apply_fn):
-    """`apply_fn` with `max_pool_2x2` and `batch_norm_train` traced as the plain functions under
-    their custom VJPs, so autodiff derives their gradients: the ablation of those two kernels.
+    """`apply_fn` with each op of CUSTOM_GRADIENT_OPS traced as the plain function under its
+    custom VJP (same values), so autodiff derives the gradients: the ablation of those kernels.
     A new function object, so that no jit cache hands back a trace with the custom gradients."""
     def apply(*args, **kwargs):
-        with mock.patch.object(models, "max_pool_2x2", ops.max_pool_2x2.fun), \
-                mock.patch.object(ops, "batch_norm_train", ops.batch_norm_train.fun):
+        with contextlib.ExitStack() as stack:
+            for name in CUSTOM_GRADIENT_OPS:
+                stack.enter_context(mock.patch.object(ops, name, getattr(ops, name).fun))
             return apply_fn(*args, **kwargs)
     return apply
 

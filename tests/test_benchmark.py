@@ -111,7 +111,10 @@ def test_ablation_traces_the_plain_functions_under_the_custom_gradients():
         lambda x: plain(variables, x, train=True, mutable=["batch_stats"],
                         rngs={"dropout": state.rng}))(x)
     assert "custom_vjp_call" in str(custom_vjp) and "custom_vjp_call" not in str(autodiff)
-    assert benchmark.models.max_pool_2x2 is benchmark.ops.max_pool_2x2  # restored afterwards
+    assert set(benchmark.CUSTOM_GRADIENT_OPS) == {
+        "cbam_tutorial", "max_pool_2x2", "batch_norm_train", "batch_norm_relu_pool_train"}
+    for name in benchmark.CUSTOM_GRADIENT_OPS:  # restored afterwards
+        assert isinstance(getattr(benchmark.ops, name), benchmark.jax.custom_vjp)
 
 
 def test_plan_defaults_to_a_cpu_slice_of_the_epoch_and_flags_override_it():
