@@ -18,7 +18,7 @@ run goes on):
     jax_steps    the engine's train call at batch 64 (augment + Adam step, data on the device):
                  one step per call, a fori_loop of 10 and 50 steps per call, a lax.scan of 50;
                  XLA's command buffers (CUDA graphs) as XLA sets them, off, and with loops;
-                 bfloat16; without the custom gradients of max-pool and BatchNorm; then a
+                 bfloat16; without the custom gradients of cbam_jax.ops; then a
                  jax.profiler trace of the fori_loop of 50: the top device costs
     torch_steps  the tutorial's step in PyTorch on the same card: eager, torch.compile, and
                  captured whole as one CUDA graph
@@ -267,7 +267,7 @@ def train_call_groups(sizes: Sizes) -> dict:
         "bfloat16": {
             **base, **fori, "1 step per call, bfloat16": dict(steps_per_call=1, dtype="bfloat16"),
             f"fori_loop of {k}, bfloat16": dict(steps_per_call=k, dtype="bfloat16")},
-        "custom gradients of max-pool and BatchNorm, or autodiff's": {
+        "custom gradients (cbam_jax.ops's fused ops), or autodiff's": {
             **base, **fori,
             f"fori_loop of {k}, autodiff": dict(steps_per_call=k, custom_gradients=False)},
     }
