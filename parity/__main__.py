@@ -2,8 +2,9 @@
 
 Both models start from identical weights (random, or a tutorial checkpoint via --pth); a float64
 run of the tutorial's model is the referee. The report covers eval and train forward passes
-layer by layer, then 5 Adam steps of the engine (gradients of every parameter, updates, BatchNorm
-buffers, logits). Exits 1 if any comparison fails.
+layer by layer and as the fused ops training runs (logits, BatchNorm buffers), then 5 Adam steps
+of the engine (gradients of every parameter, updates, BatchNorm buffers, logits). Exits 1 if any
+comparison fails.
 """
 import argparse
 import sys
