@@ -437,15 +437,19 @@ def batch_norm_train(x, scale, bias, epsilon):
     Same values as the two-pass formula; the gradient is the closed form (one reduction pass
     and one elementwise pass) instead of autodiff's chain of reductions.
     """
+    y, mean, var, _ = _bn_forward(x, scale, bias, epsilon)
+    return y, mean, var
+
+
+def _bn_forward(x, scale, bias, epsilon):
     x32 = x.astype(jnp.float32)
-    mean, var, _, gain, shift = _batch_statistics(x32, scale, bias, epsilon)
-    return x32 * gain + shift, mean, var
+    mean, var, inv, gain, shift = _batch_statistics(x32, scale, bias, epsilon)
+    return x32 * gain + shift, mean, var, (inv, gain)
 
 
 def _bn_fwd(x, scale, bias, epsilon):
-    x32 = x.astype(jnp.float32)
-    mean, var, inv, gain, shift = _batch_statistics(x32, scale, bias, epsilon)
-    return (x32 * gain + shift, mean, var), (x, scale, bias, mean, inv, gain)
+    y, mean, var, (inv, gain) = _bn_forward(x, scale, bias, epsilon)
+    return (y, mean, var), (x, scale, bias, mean, inv, gain)
 
 
 def _bn_bwd(residuals, cotangents):
