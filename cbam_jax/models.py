@@ -32,7 +32,8 @@ class CBAMCNN(nn.Module):
     parity converter accounts for. Each block's conv -> BatchNorm -> ReLU -> max-pool runs as
     one op on conv{i}'s weights and bn{i}'s variables (`ops.conv_bn_relu_pool`: no conv bias in
     training, whose gradient is then exactly 0; BatchNorm folded into the conv in evaluation),
-    except under `capture_intermediates`, which records every layer's output.
+    except under `capture_intermediates`, which records every layer's output. fc1 and fc2
+    compute their kernel gradients in the kernels' layout (`ops.dense_dot_general`).
     """
 
     num_classes: int = 10
@@ -59,8 +60,10 @@ class CBAMCNN(nn.Module):
             in_channels = channels
         x = x.reshape(x.shape[0], -1)  # [B, 4 * 4 * 128], (H, W, C) order
         x = nn.Dense(HIDDEN_FEATURES, name="fc1", kernel_init=torch_kernel_init,
-                     bias_init=torch_bias_init(x.shape[-1]), **dtypes)(x)
+                     bias_init=torch_bias_init(x.shape[-1]),
+                     dot_general=ops.dense_dot_general, **dtypes)(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
         x = nn.Dense(self.num_classes, name="fc2", kernel_init=torch_kernel_init,
-                     bias_init=torch_bias_init(HIDDEN_FEATURES), **dtypes)(x)
+                     bias_init=torch_bias_init(HIDDEN_FEATURES),
+                     dot_general=ops.dense_dot_general, **dtypes)(x)
         return x.astype(jnp.float32)

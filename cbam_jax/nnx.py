@@ -245,11 +245,14 @@ class CBAMCNN(nnx.Module):
             setattr(self, f"cbam{i}", CBAM(features, rngs=rngs, **dtypes))
             in_features = features
         flat = math.prod(FEATURE_SHAPE)  # 4 * 4 * 128, flattened in (H, W, C) order
+        # ops.dense_dot_general: the kernel gradients in the kernels' layout, as in Linen.
         self.fc1 = nnx.Linear(flat, HIDDEN_FEATURES, kernel_init=torch_kernel_init,
-                              bias_init=torch_bias_init(flat), rngs=rngs, **dtypes)
+                              bias_init=torch_bias_init(flat), dot_general=ops.dense_dot_general,
+                              rngs=rngs, **dtypes)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.fc2 = nnx.Linear(HIDDEN_FEATURES, num_classes, kernel_init=torch_kernel_init,
-                              bias_init=torch_bias_init(HIDDEN_FEATURES), rngs=rngs, **dtypes)
+                              bias_init=torch_bias_init(HIDDEN_FEATURES),
+                              dot_general=ops.dense_dot_general, rngs=rngs, **dtypes)
 
     def __call__(self, x):
         check_cnn_input(x)

@@ -11,11 +11,14 @@ models.py) and the NNX ones (nnx.py), so that the two front ends cannot drift ap
   conv in evaluation;
 - the kernels under them: `conv_same`, `conv_same_toeplitz` (CBAM's spatial conv as one
   matmul), `max_pool_2x2`, `pool_shift_relu`, `batch_norm_train` and
-  `batch_norm_relu_pool_train`. The hand-written gradients exist because autodiff of the plain
+  `batch_norm_relu_pool_train`;
+- `dense_dot_general`, the Dense layers' contraction with the kernel gradient computed in the
+  kernel's layout (fc1 and fc2 of CBAMCNN pass it as `dot_general`). The hand-written gradients exist because autodiff of the plain
   versions takes XLA:CPU extra passes over the largest activations (docs/benchmarks.md has the
   profile). Each computes what its plain-JAX counterpart computes, up to float32 summation
   order (tests/test_ops.py checks each against autodiff of the plain composition).
 """
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -321,6 +324,49 @@ def conv_same_toeplitz(x, kernel):
     band = jnp.einsum("ijco,juv->iucvo", kernel, shift)[..., 0]  # [k, W + 2p, C, W]
     out = rows @ band.reshape(k * wp * c, w)  # [B * H, W]
     return out.reshape(b, h, w, 1)
+
+
+# --- dense ---------------------------------------------------------------------------------
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                      out_sharding=None):
+    """`lax.dot_general` as `nn.Dense` / `nnx.Linear` call it (lhs [..., in] @ kernel [in, out]),
+    with the kernel's gradient computed in the kernel's own [in, out] layout (lhs^T @ g).
+
+    Autodiff computes that gradient as g^T @ lhs, [out, in], and transposes it. On one device
+    XLA folds the transpose into the dot; under a data-parallel mesh the all-reduce of the
+    batch sum sits between them, so the transpose lands in the optimizer's update instead: a
+    strided pass over fc1's 1M-parameter kernel per Adam moment, 18% of CBAMCNN's train step
+    on 2 CPU devices (docs/benchmarks.md). Pass it as `dot_general=` to the Dense layer.
+    """
+    (lhs_contract, rhs_contract), batch_dims = dimension_numbers
+    if (tuple(lhs_contract), tuple(rhs_contract)) != ((lhs.ndim - 1,), (0,)) or rhs.ndim != 2 \
+            or any(batch_dims):
+        raise ValueError("dense_dot_general computes lhs [..., in] @ kernel [in, out] "
+                         "(dimension_numbers (((lhs.ndim - 1,), (0,)), ((), ()))), got "
+                         f"{dimension_numbers} for shapes {lhs.shape} and {rhs.shape}")
+    return _dense(lhs, rhs, precision, preferred_element_type, out_sharding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dense(lhs, rhs, precision, preferred_element_type, out_sharding):
+    return lax.dot_general(lhs, rhs, (((lhs.ndim - 1,), (0,)), ((), ())), precision,
+                           preferred_element_type, out_sharding=out_sharding)
+
+
+def _dense_fwd(lhs, rhs, precision, preferred_element_type, out_sharding):
+    return _dense(lhs, rhs, precision, preferred_element_type, out_sharding), (lhs, rhs)
+
+
+def _dense_bwd(precision, _, __, residuals, g):
+    lhs, rhs = residuals
+    leading = tuple(range(lhs.ndim - 1))
+    d_lhs = lax.dot_general(g, rhs, (((g.ndim - 1,), (1,)), ((), ())), precision)
+    d_rhs = lax.dot_general(lhs, g, ((leading, leading), ((), ())), precision)  # [in, out]
+    return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 # --- max-pooling -----------------------------------------------------------------------------

@@ -97,6 +97,45 @@ def test_one_epoch_on_eight_devices_equals_one_device(one_and_eight):
                                rtol=2e-2)
 
 
+# --- the data-parallel step's layouts ---------------------------------------------------------
+
+KERNEL_GRADIENT_DOTS = """
+    import json, re
+    from unittest import mock
+    import jax, jax.numpy as jnp
+    from jax import lax
+    from cbam_jax import distributed, ops, train
+
+    mesh = distributed.make_mesh(2)
+    model, tx = train.build("float32")
+    state = distributed.put_replicated(
+        train.create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3), mesh)
+    x, y = jax.device_put((jnp.zeros((64, 32, 32, 3)), jnp.zeros((64,), jnp.int32)),
+                          distributed.batch_sharding(mesh))
+
+    def dot_shapes():  # the output shape of every dot in the compiled, partitioned step
+        step = jax.jit(lambda s, x, y: train.adam_step(s, x, y, jax.random.PRNGKey(1))[0])
+        hlo = step.lower(state, x, y).compile().as_text()
+        return sorted(set(re.findall(r"= (f32\\[[\\d,]+\\])\\{[\\d,]+\\} dot\\(", hlo)))
+
+    out = {"dense_dot_general": dot_shapes()}
+    with mock.patch.object(ops, "dense_dot_general", lax.dot_general):  # autodiff's gradient
+        out["lax.dot_general"] = dot_shapes()
+    print(json.dumps(out))
+"""
+
+
+def test_fc1s_kernel_gradient_is_computed_in_the_kernels_layout_on_two_devices():
+    """Autodiff computes fc1's kernel gradient as [512, 2048] and transposes it after the
+    all-reduce, inside Adam's update (18% of the step, docs/benchmarks.md);
+    `ops.dense_dot_general` computes it as [2048, 512]. The control runs autodiff's version."""
+    shapes = last_json(run_python(KERNEL_GRADIENT_DOTS, timeout=300,
+                                  xla_flags="--xla_force_host_platform_device_count=2"))
+    assert "f32[2048,512]" in shapes["dense_dot_general"], shapes
+    assert "f32[512,2048]" not in shapes["dense_dot_general"], shapes
+    assert "f32[512,2048]" in shapes["lax.dot_general"], shapes  # the control: transposed
+
+
 # --- the global batch must divide over the devices --------------------------------------------
 
 def test_a_batch_not_divisible_by_the_devices_is_rejected_by_the_script():

@@ -14,7 +14,7 @@ from jax import lax
 
 from cbam_jax.ops import (batch_norm_relu_pool_train, batch_norm_train, cbam_tutorial,
                           channel_attention, conv_bn_relu_pool, conv_same, conv_same_toeplitz,
-                          max_pool_2x2, pool_shift_relu, spatial_attention)
+                          dense_dot_general, max_pool_2x2, pool_shift_relu, spatial_attention)
 
 
 def _plain_batch_norm(x, scale, bias, epsilon=1e-5):
@@ -239,3 +239,38 @@ def test_conv_block_in_bfloat16_computes_in_bfloat16():
         assert y.dtype == jnp.bfloat16
         if train:  # bfloat16's 8-bit mantissa: about 1% of the scale
             assert _rel(y, reference) < 3e-2
+
+
+# --- dense ---------------------------------------------------------------------------------
+
+DENSE = (((1,), (0,)), ((), ()))
+
+
+@pytest.mark.parametrize("lhs_shape", [(6, 20), (2, 3, 20)])
+def test_dense_matches_autodiff_of_dot_general(lhs_shape):
+    rng = np.random.default_rng(0)
+    lhs = jnp.asarray(rng.normal(size=lhs_shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(20, 7)), jnp.float32)
+    numbers = (((lhs.ndim - 1,), (0,)), ((), ()))
+    g = jnp.asarray(rng.normal(size=lhs_shape[:-1] + (7,)), jnp.float32)
+    ours, ours_vjp = jax.vjp(lambda a, w: dense_dot_general(a, w, numbers), lhs, kernel)
+    plain, plain_vjp = jax.vjp(lambda a, w: lax.dot_general(a, w, numbers), lhs, kernel)
+    assert _rel_err(ours, plain) == 0.0  # the forward is the same dot
+    for a, b in zip(ours_vjp(g), plain_vjp(g)):
+        assert a.shape == b.shape and _rel_err(a, b) < 1e-5
+
+
+def test_dense_keeps_a_bfloat16_computation_in_bfloat16():
+    lhs, kernel = jnp.ones((4, 8), jnp.bfloat16), jnp.ones((8, 3), jnp.bfloat16)
+    y, vjp = jax.vjp(lambda a, w: dense_dot_general(a, w, DENSE), lhs, kernel)
+    d_lhs, d_kernel = vjp(jnp.ones_like(y))
+    assert (y.dtype, d_lhs.dtype, d_kernel.dtype) == (jnp.bfloat16,) * 3
+    assert float(d_kernel[0, 0]) == 4.0  # the sum over the batch of 1 * 1
+
+
+@pytest.mark.parametrize("numbers", [(((0,), (0,)), ((), ())),      # contracts the batch
+                                     (((1,), (1,)), ((), ())),      # a transposed kernel
+                                     (((1,), (0,)), ((0,), (0,)))])  # batch dimensions
+def test_dense_refuses_other_contractions(numbers):
+    with pytest.raises(ValueError, match=r"lhs \[\.\.\., in\] @ kernel \[in, out\]"):
+        dense_dot_general(jnp.ones((4, 4)), jnp.ones((4, 4)), numbers)
