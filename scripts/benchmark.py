@@ -633,7 +633,7 @@ class Plan:
     augment_workers: tuple = (0, 2)
     epoch_train: int = CPU_EPOCH_TRAIN
     epoch_test: int = CPU_EPOCH_TEST
-    epoch_reps: int = 1
+    epoch_reps: int = 3  # a median of 3 epochs per contender, not a single sample
     epoch_compiled_workers: int = 2  # the torch.compile tutorial loop's DataLoader workers
     nnx_batch: int = 8
     nnx_calls: int = 300
@@ -648,7 +648,8 @@ def make_plan(quick: bool = False, reps: int | None = None, full_epoch: bool = F
                                    epoch_train=512, epoch_test=256, torch_compile=False,
                                    nnx_calls=100)
     if not on_cpu or full_epoch:
-        plan = dataclasses.replace(plan, epoch_train=CIFAR_TRAIN, epoch_test=CIFAR_TEST)
+        plan = dataclasses.replace(plan, epoch_train=CIFAR_TRAIN, epoch_test=CIFAR_TEST,
+                                   epoch_reps=1)  # a whole epoch: one sample per contender
     if epoch_images is not None:
         plan = dataclasses.replace(plan, epoch_train=epoch_images,
                                    epoch_test=max(1, epoch_images // 5))

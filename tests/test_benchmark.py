@@ -112,7 +112,8 @@ def test_ablation_traces_the_plain_functions_under_the_custom_gradients():
                         rngs={"dropout": state.rng}))(x)
     assert "custom_vjp_call" in str(custom_vjp) and "custom_vjp_call" not in str(autodiff)
     assert set(benchmark.CUSTOM_GRADIENT_OPS) == {
-        "cbam_tutorial", "max_pool_2x2", "batch_norm_train", "batch_norm_relu_pool_train"}
+        "cbam_tutorial", "max_pool_2x2", "batch_norm_train", "batch_norm_relu_pool_train",
+        "_dense"}  # under ops.dense_dot_general
     for name in benchmark.CUSTOM_GRADIENT_OPS:  # restored afterwards
         assert isinstance(getattr(benchmark.ops, name), benchmark.jax.custom_vjp)
 
@@ -120,6 +121,9 @@ def test_ablation_traces_the_plain_functions_under_the_custom_gradients():
 def test_plan_defaults_to_a_cpu_slice_of_the_epoch_and_flags_override_it():
     assert benchmark.make_plan().epoch_train == benchmark.CPU_EPOCH_TRAIN
     assert benchmark.make_plan(full_epoch=True).epoch_train == benchmark.CIFAR_TRAIN
+    # A median of 3 epochs on the CPU slice; one pass of a whole epoch.
+    assert benchmark.make_plan().epoch_reps == 3
+    assert benchmark.make_plan(full_epoch=True).epoch_reps == 1
     assert benchmark.make_plan(epoch_images=1000).epoch_test == 200
     quick = benchmark.make_plan(quick=True, reps=7)
     assert quick.reps == 7 and not quick.torch_compile
