@@ -13,10 +13,12 @@ models.py) and the NNX ones (nnx.py), so that the two front ends cannot drift ap
   matmul), `max_pool_2x2`, `pool_shift_relu`, `batch_norm_train` and
   `batch_norm_relu_pool_train`;
 - `dense_dot_general`, the Dense layers' contraction with the kernel gradient computed in the
-  kernel's layout (fc1 and fc2 of CBAMCNN pass it as `dot_general`). The hand-written gradients exist because autodiff of the plain
-  versions takes XLA:CPU extra passes over the largest activations (docs/benchmarks.md has the
-  profile). Each computes what its plain-JAX counterpart computes, up to float32 summation
-  order (tests/test_ops.py checks each against autodiff of the plain composition).
+  kernel's layout (fc1 and fc2 of CBAMCNN pass it as `dot_general`).
+
+The hand-written gradients exist because autodiff of the plain versions takes XLA:CPU extra
+passes over the largest activations, or a transpose (docs/benchmarks.md has the profiles).
+Each computes what its plain-JAX counterpart computes, up to float32 summation order
+(tests/test_ops.py checks each against autodiff of the plain composition).
 """
 import functools
 from typing import Callable, Sequence
