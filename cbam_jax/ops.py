@@ -352,12 +352,17 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _dense(lhs, rhs, precision, preferred_element_type, out_sharding):
+    return _dense_forward(lhs, rhs, precision, preferred_element_type, out_sharding)
+
+
+def _dense_forward(lhs, rhs, precision, preferred_element_type, out_sharding):
     return lax.dot_general(lhs, rhs, (((lhs.ndim - 1,), (0,)), ((), ())), precision,
                            preferred_element_type, out_sharding=out_sharding)
 
 
 def _dense_fwd(lhs, rhs, precision, preferred_element_type, out_sharding):
-    return _dense(lhs, rhs, precision, preferred_element_type, out_sharding), (lhs, rhs)
+    out = _dense_forward(lhs, rhs, precision, preferred_element_type, out_sharding)
+    return out, (lhs, rhs)
 
 
 def _dense_bwd(precision, _, __, residuals, g):
