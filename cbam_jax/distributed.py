@@ -78,6 +78,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def rows_sharding(mesh: Mesh) -> NamedSharding:
+    """For a record of per-example values, [batches, batch_size]: split each row over the
+    'data' axis as its batch was split (batch_sharding), so writing one needs no transfer."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def shard_batch(x: jax.Array, sharding: NamedSharding | None) -> jax.Array:
     """Inside `jit`: lay a batch gathered from replicated data out over the mesh, so that each
     device computes only its rows. `None` (no mesh) leaves it to the compiler.

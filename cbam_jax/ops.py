@@ -457,7 +457,23 @@ def pool_shift_relu(x, shift):
     """
     q = _quadrants(x)
     pooled = jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
-    return jnp.maximum(pooled + shift.astype(x.dtype), 0)
+    return computed_once(jnp.maximum(pooled + shift.astype(x.dtype), 0), jnp.isfinite(shift[0]))
+
+
+def computed_once(x, flag):
+    """x, written to memory once for all its readers on a CPU; elsewhere x itself.
+
+    XLA:CPU fuses a cheap elementwise producer into each of its consumers, so CBAM's three
+    passes over a pooled block output each recomputed the pooling from the 4x larger conv
+    output (docs/benchmarks.md); the result of a conditional is a buffer of its own, which no
+    fusion crosses. Both branches return x exactly (times 1 is exact in IEEE arithmetic, NaN and
+    -0 included; XLA removes a conditional whose branches are identical), so the value is x
+    whatever the predicate. `flag` is any boolean scalar computed at run time (XLA folds a
+    constant predicate away) that every device holds, so that reading it needs no collective.
+    """
+    def own_buffer(x):
+        return lax.cond(flag, lambda v: v, lambda v: v * 1, x)
+    return lax.platform_dependent(x, cpu=own_buffer, default=lambda x: x)
 
 
 # --- training-mode BatchNorm -----------------------------------------------------------------

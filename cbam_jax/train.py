@@ -136,19 +136,27 @@ def train_step(state: TrainState, images, labels):
                    "grads": grads}
 
 
-def eval_step(state: TrainState, images, labels, mask):
-    """Eval-mode metrics of a uint8 batch whose padding rows have mask False.
-
-    Returns the mean loss over the real rows (the tutorial averages per-batch means) and their
-    number of correct predictions. Eval mode uses running statistics, so padding cannot leak
-    into the real rows.
-    """
+def eval_per_image(state: TrainState, images, labels):
+    """Eval-mode cross-entropy and correctness of each image of a uint8 batch: ([B] float32,
+    [B] bool). Eval mode uses running statistics, so each image's result depends on it alone."""
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                             normalize(images), train=False)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    count = jnp.maximum(mask.sum(), 1)
-    return {"loss": jnp.where(mask, losses, 0.0).sum() / count,
-            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) & mask)}
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+            jnp.argmax(logits, -1) == labels)
+
+
+def masked_metrics(losses, correct, mask):
+    """Per batch (the last axis): the mean loss over the rows where mask is True (the tutorial
+    averages per-batch means) and their number of correct predictions."""
+    count = jnp.maximum(mask.sum(axis=-1), 1)
+    return {"loss": jnp.where(mask, losses, 0.0).sum(axis=-1) / count,
+            "correct": jnp.sum(correct & mask, axis=-1, dtype=jnp.int32)}
+
+
+def eval_step(state: TrainState, images, labels, mask):
+    """Eval-mode metrics of a uint8 batch whose padding rows have mask False: the mean loss over
+    the real rows and their number of correct predictions."""
+    return masked_metrics(*eval_per_image(state, images, labels), mask)
 
 
 # --- on-device epoch iteration ---------------------------------------------------------------
@@ -242,34 +250,55 @@ def epoch_plan(num_train: int, batch_size: int, steps_per_call: int,
     return calls
 
 
-@functools.partial(jax.jit, donate_argnames=("sums",), static_argnames=("looped",))
-def eval_batches(state: TrainState, sums, data: DeviceData, first_batch, num_batches, *,
+@functools.partial(jax.jit, donate_argnames=("record",), static_argnames=("looped",))
+def eval_batches(state: TrainState, record, data: DeviceData, first_batch, num_batches, *,
                  looped: bool):
-    """Evaluate test batches [first_batch, first_batch + num_batches) into `sums`
-    ({'loss', 'correct'}: one entry per batch)."""
+    """Evaluate test batches [first_batch, first_batch + num_batches) into `record`
+    ({'loss', 'correct'}: [batches, batch_size], one entry per test row, laid out over the
+    mesh as the batches are).
 
-    def one(batch, sums):
-        metrics = eval_step(state, *data.test_batch(batch))
-        return {"loss": sums["loss"].at[batch].set(metrics["loss"]),
-                "correct": sums["correct"].at[batch].set(metrics["correct"].astype(jnp.int32))}
+    Per image, not per batch: a batch's mean over a mesh would be an all-reduce at the end of
+    every call, where each device waits for the slowest (5% of evaluation on 2 CPU devices,
+    docs/benchmarks.md); `batch_metrics` reduces the whole record once.
+    """
+
+    def one(batch, record):
+        images, labels, _ = data.test_batch(batch)
+        losses, correct = eval_per_image(state, images, labels)
+        return {"loss": record["loss"].at[batch].set(losses),
+                "correct": record["correct"].at[batch].set(correct)}
 
     if looped:
-        return jax.lax.fori_loop(first_batch, first_batch + num_batches, one, sums)
-    return one(first_batch, sums)
+        return jax.lax.fori_loop(first_batch, first_batch + num_batches, one, record)
+    return one(first_batch, record)
+
+
+@jax.jit
+def batch_metrics(record, data: DeviceData):
+    """`masked_metrics` of every test batch of an `eval_batches` record: {'loss', 'correct'},
+    one entry per batch, on every device."""
+    mask = data.test_mask.reshape(record["loss"].shape)
+    metrics = masked_metrics(record["loss"], record["correct"], mask)
+    if data.batch_sharding is None:
+        return metrics
+    return jax.lax.with_sharding_constraint(
+        metrics, distributed.replicated(data.batch_sharding.mesh))
 
 
 def evaluate(state: TrainState, data: DeviceData, looped: bool = False) -> tuple[float, float]:
     """(mean of per-batch mean losses, accuracy %) over exactly the real test images."""
     n = data.num_test_batches
-    sums = {"loss": jnp.zeros((n,), jnp.float32), "correct": jnp.zeros((n,), jnp.int32)}
-    if data.batch_sharding is not None:  # where the step returns it, so that no call recompiles
-        sums = distributed.put_replicated(sums, data.batch_sharding.mesh)
+    record = {"loss": np.zeros((n, data.batch_size), np.float32),
+              "correct": np.zeros((n, data.batch_size), bool)}
+    if data.batch_sharding is not None:  # as eval_batches returns it: no call recompiles
+        record = jax.device_put(record, distributed.rows_sharding(data.batch_sharding.mesh))
     for first, count in ([(0, n)] if looped else [(b, 1) for b in range(n)]):
-        sums = eval_batches(state, sums, data, np.int32(first), np.int32(count), looped=looped)
-    losses, correct = jax.device_get((sums["loss"], sums["correct"]))
+        record = eval_batches(state, record, data, np.int32(first), np.int32(count),
+                              looped=looped)
+    metrics = jax.device_get(batch_metrics(record, data))
     # Like the tutorial: the sum of per-batch means over the number of batches, in float64.
-    test_loss = float(np.sum(losses.astype(np.float64)) / n)
-    return test_loss, 100.0 * float(correct.sum()) / data.num_test
+    test_loss = float(np.sum(metrics["loss"].astype(np.float64)) / n)
+    return test_loss, 100.0 * float(metrics["correct"].sum()) / data.num_test
 
 
 class NonFiniteLossError(RuntimeError):

@@ -44,7 +44,7 @@ EQUIVALENCE = """
     from cbam_jax.data import load_digits
     from cbam_jax.loader import place_data
     from cbam_jax.recipe import TrainConfig
-    from cbam_jax.train import build, create_train_state, train_epoch
+    from cbam_jax.train import build, create_train_state, evaluate, train_epoch
 
     digits = load_digits()  # 1,437 images: 22 batches of 64, then 29 (uneven over 8 devices)
     config = TrainConfig(epochs=1, batch_size=64, steps_per_call=1, log_every=1000,
@@ -55,10 +55,11 @@ EQUIVALENCE = """
         mesh = distributed.make_mesh(n)
         state = create_train_state(model, tx, jax.random.PRNGKey(0), config.learning_rate)
         state = distributed.put_replicated(state, mesh)
-        state, losses, _ = train_epoch(state, place_data(digits, mesh, config.batch_size), 0,
-                                       config)
+        data = place_data(digits, mesh, config.batch_size)
+        initial_evaluation = evaluate(state, data)
+        state, losses, _ = train_epoch(state, data, 0, config)
         leaves = jax.tree.leaves((state.params, state.batch_stats))
-        out[n] = {"losses": losses.tolist(), "mesh": mesh.size,
+        out[n] = {"losses": losses.tolist(), "mesh": mesh.size, "eval": initial_evaluation,
                   "replicated": all(x.sharding.is_fully_replicated
                                     and x.sharding.device_set == set(mesh.devices.flat)
                                     for x in leaves),
@@ -95,6 +96,15 @@ def test_one_epoch_on_eight_devices_equals_one_device(one_and_eight):
     assert np.linalg.norm(eight - one) / np.linalg.norm(one) < 2e-2
     np.testing.assert_allclose(one_and_eight["8"]["losses"], one_and_eight["1"]["losses"],
                                rtol=2e-2)
+
+
+def test_evaluation_on_eight_devices_equals_one_device(one_and_eight):
+    """The same initial weights evaluated over 8 devices (per-image records, 6 batches of 64,
+    the last one padded) and over 1: the loss agrees to float32 rounding, the accuracy
+    exactly."""
+    (loss1, acc1), (loss8, acc8) = one_and_eight["1"]["eval"], one_and_eight["8"]["eval"]
+    assert loss8 == pytest.approx(loss1, rel=1e-5)
+    assert acc8 == acc1
 
 
 # --- the data-parallel step's layouts ---------------------------------------------------------
@@ -134,6 +144,39 @@ def test_fc1s_kernel_gradient_is_computed_in_the_kernels_layout_on_two_devices()
     assert "f32[2048,512]" in shapes["dense_dot_general"], shapes
     assert "f32[512,2048]" not in shapes["dense_dot_general"], shapes
     assert "f32[512,2048]" in shapes["lax.dot_general"], shapes  # the control: transposed
+
+
+EVAL_COLLECTIVES = """
+    import json, re
+    import jax, numpy as np
+    from cbam_jax import distributed, train
+    from cbam_jax.data import load_digits
+    from cbam_jax.loader import place_data
+
+    mesh = distributed.make_mesh(2)
+    model, tx = train.build("float32")
+    state = distributed.put_replicated(
+        train.create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3), mesh)
+    data = place_data(load_digits(), mesh, 64)
+    record = jax.device_put({"loss": np.zeros((6, 64), np.float32),
+                             "correct": np.zeros((6, 64), bool)}, distributed.rows_sharding(mesh))
+    collectives = lambda hlo: sorted(set(re.findall(r"(all-reduce|all-gather|all-to-all|"
+                                                     r"collective-permute)\\(", hlo)))
+    per_image = train.eval_batches.lower(state, record, data, np.int32(0), np.int32(1),
+                                         looped=False).compile().as_text()
+    per_batch = jax.jit(lambda s, d: train.eval_step(s, *d.test_batch(0))).lower(
+        state, data).compile().as_text()
+    print(json.dumps({"eval_batches": collectives(per_image), "eval_step": collectives(per_batch)}))
+"""
+
+
+def test_evaluation_calls_do_not_synchronise_the_devices():
+    """`eval_batches` keeps each image's loss on its device, so a call has no collective, where
+    a per-batch mean (`eval_step`, the control) ends each call with an all-reduce."""
+    found = last_json(run_python(EVAL_COLLECTIVES, timeout=300,
+                                 xla_flags="--xla_force_host_platform_device_count=2"))
+    assert found["eval_batches"] == [], found
+    assert "all-reduce" in found["eval_step"], found
 
 
 # --- the global batch must divide over the devices --------------------------------------------

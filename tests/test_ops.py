@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from jax import lax
 
+from cbam_jax.models import CBAMCNN
 from cbam_jax.ops import (batch_norm_relu_pool_train, batch_norm_train, cbam_tutorial,
                           channel_attention, conv_bn_relu_pool, conv_same, conv_same_toeplitz,
-                          dense_dot_general, max_pool_2x2, pool_shift_relu, spatial_attention)
+                          computed_once, dense_dot_general, max_pool_2x2, pool_shift_relu,
+                          spatial_attention)
 
 
 def _plain_batch_norm(x, scale, bias, epsilon=1e-5):
@@ -124,6 +126,29 @@ def test_pool_shift_relu_equals_relu_of_the_shift_then_the_pool(shape):
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     shift = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
     np.testing.assert_array_equal(pool_shift_relu(x, shift), max_pool_2x2(jax.nn.relu(x + shift)))
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_computed_once_returns_its_input_bit_for_bit_whatever_the_flag(flag):
+    x = jnp.asarray([1.5, -0.0, 0.0, np.nan, np.inf, -np.inf, 1e-45], jnp.float32)
+    out = jax.jit(computed_once)(x, jnp.asarray(flag))
+    np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(x).view(np.uint32))
+
+
+def test_the_eval_model_writes_each_pooled_block_output_once_on_cpu():
+    """One conditional per block on a CPU (`computed_once` in `pool_shift_relu`), none
+    elsewhere: without them XLA:CPU recomputes the pooling in each of CBAM's three passes (5%
+    of evaluation on 2 CPU devices, docs/benchmarks.md). A JAX whose XLA folds them away fails
+    here; the control, training mode, has none."""
+    model = CBAMCNN()
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    def compiled(train):
+        fn = lambda v, x: model.apply(v, x, train=train, rngs={"dropout": jax.random.PRNGKey(1)},
+                                      mutable=["batch_stats"] if train else False)
+        return jax.jit(fn).lower(variables, x).compile().as_text()
+    assert compiled(False).count("conditional(") == (3 if jax.default_backend() == "cpu" else 0)
+    assert compiled(True).count("conditional(") == 0
 
 
 @pytest.mark.parametrize("hw, channels, k", [((16, 16), 2, 7), ((4, 4), 2, 7), ((5, 7), 2, 7),
