@@ -453,7 +453,8 @@ def pool_shift_relu(x, shift):
     too), and run on the pooled tensor, a quarter of the size. The max is four slices and an
     elementwise max, not a reduce: XLA:CPU's YNNPACK reduce fusion pulls the producing
     convolution into itself (even with YNNPACK convolutions off) and ran conv1 + pool there at a
-    tenth of the Eigen convolution's speed. No gradient is written: evaluation only.
+    tenth of the Eigen convolution's speed. The result is written once for CBAM's three passes
+    over it (`computed_once`). No gradient is written: evaluation only.
     """
     q = _quadrants(x)
     pooled = jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
