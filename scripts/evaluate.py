@@ -45,8 +45,9 @@ def main(argv=None) -> int:
 
     # Before JAX starts: as many devices as the run used. Why the loss is then bit-equal: the
     # run's test loss is the mean of per-batch mean losses, each batch evaluated by the compiled
-    # eval step in eval mode (running statistics, no randomness) with its rows split over the
-    # devices: each device sums its rows' losses, then the devices' sums are added. The same
+    # eval call in eval mode (running statistics, no randomness) with its rows split over the
+    # devices, then `train.batch_metrics` sums each batch's losses: each device its own rows,
+    # then the devices' sums are added. The same
     # restored weights, batch size, device count and `train.evaluate` repeat exactly those
     # float32 operations in the same order. On another device count the partial sums group
     # differently and the last bits may change (on a digits run 1 and 2 devices happened to
