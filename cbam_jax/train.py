@@ -290,8 +290,10 @@ def evaluate(state: TrainState, data: DeviceData, looped: bool = False) -> tuple
     n = data.num_test_batches
     record = {"loss": np.zeros((n, data.batch_size), np.float32),
               "correct": np.zeros((n, data.batch_size), bool)}
-    if data.batch_sharding is not None:  # as eval_batches returns it: no call recompiles
-        record = jax.device_put(record, distributed.rows_sharding(data.batch_sharding.mesh))
+    # Laid out as eval_batches returns it, so that no call recompiles (and on the device, so
+    # that the first call can reuse its buffers).
+    record = jax.device_put(record, None if data.batch_sharding is None
+                            else distributed.rows_sharding(data.batch_sharding.mesh))
     for first, count in ([(0, n)] if looped else [(b, 1) for b in range(n)]):
         record = eval_batches(state, record, data, np.int32(first), np.int32(count),
                               looped=looped)
