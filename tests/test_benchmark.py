@@ -9,6 +9,7 @@ left to `--full-recipe` runs (and to tests/test_gpu_check.py's tiny run).
 import importlib.util
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,17 @@ def _check_result(result, names, baseline, reps):
         assert 0 < row["cores_busy"] < 64  # CPU seconds over wall seconds of this process
     base = next(row for row in result["rows"] if row["name"] == baseline)
     assert base["ratio_median"] == 1.0
+    compiled = [row for row in result["rows"] if row["name"].startswith("torch.compile")]
+    assert result["compiled"] == (compiled[0]["name"] if compiled else None)
+    for row in result["rows"]:  # the issue's targets are ratios to torch.compile
+        assert ("ratio_vs_compiled" in row) == bool(compiled)
+        if compiled:
+            ratio = row["ratio_vs_compiled"]
+            assert ratio["min"] <= ratio["median"] <= ratio["max"]
+            expected = [v / c for v, c in zip(row["samples"], compiled[0]["samples"])]
+            assert ratio["median"] == pytest.approx(statistics.median(expected))
+    if compiled:
+        assert compiled[0]["ratio_vs_compiled"]["median"] == 1.0
 
 
 def test_every_section_reports_each_contender_per_repetition(report):
@@ -78,8 +90,10 @@ def test_report_names_device_versions_threads_and_load_and_serialises(report):
     assert env["precision"]["torch_cudnn_allow_tf32"] in (True, False)
     assert json.loads(json.dumps(report, default=str))["plan"]["reps"] == 2
     markdown = benchmark.to_markdown(report)
-    assert ("| contender | median | ratio vs torch eager (median, min-max) | cores busy | "
-            "warm-up |") in markdown
+    assert ("| contender | median | ratio vs torch eager (median, min-max) | vs torch.compile |"
+            " cores busy | warm-up |") in markdown
+    assert ("| contender | median | ratio vs linen jax.jit (median, min-max) | cores busy | "
+            "warm-up |") in markdown  # no torch.compile row in the nnx table
     assert "| jax step |" in markdown and "### epoch" in markdown
     assert "| torch.compile loop (workers=2) |" in markdown
 
@@ -127,6 +141,43 @@ def test_plan_defaults_to_a_cpu_slice_of_the_epoch_and_flags_override_it():
     assert benchmark.make_plan(epoch_images=1000).epoch_test == 200
     quick = benchmark.make_plan(quick=True, reps=7)
     assert quick.reps == 7 and not quick.torch_compile
+
+
+def test_processes_summary_gives_each_contenders_ratio_in_every_process(report):
+    """`gather_processes` on two reports: the second's jax step twice as fast, its baseline
+    unchanged, so its ratios double; each table lists the per-process ratios and the median."""
+    second = json.loads(json.dumps(report))
+    rows = second["sections"]["step"]["batch 8"]["rows"]
+    jax_row = next(row for row in rows if row["name"] == "jax step")
+    jax_row["ratio_median"] *= 2
+    jax_row["ratio_vs_compiled"]["median"] *= 2
+    summary = benchmark.gather_processes([report, second])
+    step = summary["tables"]["step: batch 8"]
+    assert (step["baseline"], step["compiled"]) == ("torch eager", "torch.compile")
+    first_row = next(row for row in report["sections"]["step"]["batch 8"]["rows"]
+                     if row["name"] == "jax step")
+    assert step["rows"]["jax step"]["vs_baseline"] == [first_row["ratio_median"],
+                                                       2 * first_row["ratio_median"]]
+    assert step["rows"]["torch.compile"]["vs_compiled"] == [1.0, 1.0]
+    assert "vs_compiled" not in summary["tables"]["nnx: batch 8 of 16x16"]["rows"]["nnx.jit"]
+    markdown = benchmark.processes_markdown(summary)
+    assert "### step: batch 8: ratio medians per process" in markdown
+    assert (f"| jax step | {first_row['ratio_median']:.2f}x, "
+            f"{2 * first_row['ratio_median']:.2f}x | {1.5 * first_row['ratio_median']:.2f}x |"
+            in markdown)
+
+
+def test_processes_flag_runs_each_measurement_in_a_fresh_process(tmp_path):
+    summary = benchmark.main(["--sections", "nnx", "--quick", "--reps", "1", "--processes", "2",
+                              "--out", str(tmp_path)])
+    assert summary["processes"] == 2 and len(summary["load_average_at_start"]) == 2
+    for i in range(2):
+        assert (tmp_path / f"process_{i}" / "benchmark.json").is_file()
+    assert set(summary["tables"]["nnx: batch 8 of 16x16"]["rows"]) == {
+        "linen jax.jit", "nnx.jit", "nnx.cached_partial", "nnx.split + jax.jit + nnx.merge"}
+    assert (tmp_path / "processes.md").read_text().startswith("2 processes, load average")
+    with pytest.raises(SystemExit):
+        benchmark.main(["--processes", "0"])
 
 
 def test_unknown_section_is_a_usage_error(capsys):
