@@ -797,8 +797,8 @@ def _ratio_text(ratio: dict) -> str:
 
 
 def sections_markdown(sections: dict) -> str:
-    """One table per measured group: median, ratio to the group's baseline, cores busy, and
-    the untimed warm-up (compilation)."""
+    """One table per measured group: median, ratio to the group's baseline (and to
+    `torch.compile` where it ran), cores busy, and the untimed warm-up (compilation)."""
     lines = []
     for section, parts in sections.items():
         for label, result in parts.items():
