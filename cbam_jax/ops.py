@@ -10,7 +10,8 @@ models.py) and the NNX ones (nnx.py), so that the two front ends cannot drift ap
   (`conv_bn_relu_pool`), which skips the conv bias in training and folds BatchNorm into the
   conv in evaluation;
 - the kernels under them: `conv_same`, `conv_same_toeplitz` (CBAM's spatial conv as one
-  matmul), `max_pool_2x2`, `pool_shift_relu`, `batch_norm_train` and
+  matmul), `max_pool_2x2`, `conv_pool_shift_relu` (with `conv_max_pool_2x2` and
+  `pooled_conv_windows`, evaluation's conv + pool), `batch_norm_train` and
   `batch_norm_relu_pool_train`;
 - `dense_dot_general`, the Dense layers' contraction with the kernel gradient computed in the
   kernel's layout (fc1 and fc2 of CBAMCNN pass it as `dot_general`).
@@ -248,15 +249,15 @@ def conv_bn_relu_pool(x, kernel, conv_bias, scale, bias, running, *, train: bool
       autodiff of the plain composition gives float32 noise around 0. In float32 the rest runs
       as one op, `batch_norm_relu_pool_train`; bfloat16 takes the plain ops.
     - evaluation folds BatchNorm into the conv (conv(x, k * gain) + b * gain + shift) and pools
-      before adding that shift and ReLU (`pool_shift_relu`), on a quarter of the values.
+      before adding that shift and ReLU (`conv_pool_shift_relu`), on a quarter of the values.
     """
     dtype = dtype or jnp.result_type(x, kernel, conv_bias)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if not train:
         gain, shift = _running_affine(scale, bias, running, epsilon)
         folded = (kernel.astype(jnp.float32) * gain).astype(dtype)
-        return pool_shift_relu(conv_same(x, folded),
-                               conv_bias.astype(jnp.float32) * gain + shift), None
+        return conv_pool_shift_relu(x, folded,
+                                    conv_bias.astype(jnp.float32) * gain + shift), None
     h = conv_same(x, kernel)  # no bias: see above
     n = _values_per_channel(h)
     if h.dtype == jnp.float32 and h.shape[1] % 2 == 0 and h.shape[2] % 2 == 0:
@@ -445,20 +446,73 @@ def _max_pool_backward(residuals, g, route: Callable):
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def pool_shift_relu(x, shift):
-    """`max_pool_2x2(relu(x + shift))` for a per-channel shift [C], pooling first.
+def conv_pool_shift_relu(x, kernel, shift):
+    """`max_pool_2x2(relu(conv_same(x, kernel) + shift))` for a per-channel shift [C], pooling
+    first. Evaluation only (no gradient is written).
 
     Eval mode of a conv block whose BatchNorm is folded into the conv: adding a per-channel
     constant and ReLU are monotone, so they commute exactly with the max (rounding is monotone
-    too), and run on the pooled tensor, a quarter of the size. The max is four slices and an
-    elementwise max, not a reduce: XLA:CPU's YNNPACK reduce fusion pulls the producing
-    convolution into itself (even with YNNPACK convolutions off) and ran conv1 + pool there at a
-    tenth of the Eigen convolution's speed. The result is written once for CBAM's three passes
-    over it (`computed_once`). No gradient is written: evaluation only.
+    too), and run on the pooled tensor, a quarter of the size. The pooled conv is
+    `conv_max_pool_2x2`. The result is written once for CBAM's three passes over it
+    (`computed_once`).
     """
-    q = _quadrants(x)
-    pooled = jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
-    return computed_once(jnp.maximum(pooled + shift.astype(x.dtype), 0), jnp.isfinite(shift[0]))
+    pooled = conv_max_pool_2x2(x, kernel)
+    return computed_once(jnp.maximum(pooled + shift.astype(pooled.dtype), 0),
+                         jnp.isfinite(shift[0]))
+
+
+# Input channels up to which `conv_max_pool_2x2` takes the window matmul on a CPU: measured
+# against XLA's convolution plus the pool (3x3 kernel, 32 output channels, 32x32 images, 256
+# images on 2 CPU devices): 2.2x at 1 input channel, 1.65x at 3, 1.5x at 4, 1.2x at 6, 0.44x
+# at 8 (docs/benchmarks.md).
+WINDOW_MATMUL_MAX_CHANNELS = 4
+
+
+def conv_max_pool_2x2(x, kernel):
+    """`max_pool_2x2(conv_same(x, kernel))`: the direct conv, then the max of each 2x2 window's
+    four elements; on a CPU, for float32 input of a few channels (CBAMCNN's RGB conv1),
+    `pooled_conv_windows` instead. Evaluation only (no gradient is written).
+
+    The max is four slices and an elementwise max, not a reduce: XLA:CPU's YNNPACK reduce
+    fusion pulls the producing convolution into itself (even with YNNPACK convolutions off) and
+    ran conv1 + pool there at a tenth of the Eigen convolution's speed.
+    """
+    def direct(x, kernel):
+        q = _quadrants(conv_same(x, kernel))
+        return jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
+    kh, kw = kernel.shape[:2]
+    if (x.shape[-1] > WINDOW_MATMUL_MAX_CHANNELS or x.dtype != jnp.float32 or kh != kw
+            or kh % 2 == 0 or min(x.shape[1:3]) < 2):
+        return direct(x, kernel)
+    return lax.platform_dependent(x, kernel, cpu=pooled_conv_windows, default=direct)
+
+
+def pooled_conv_windows(x, kernel):
+    """`max_pool_2x2(conv_same(x, kernel))` as one matmul over the input windows of the pooled
+    pixels, for a square odd kernel k x k.
+
+    The four conv outputs of a 2x2 pooling window see one (k + 1) x (k + 1) window of the padded
+    input. That window, flattened to [(k + 1)^2 * Cin], times a [(k + 1)^2 * Cin, 4 * Cout]
+    matrix holding the kernel at the four offsets (zeros elsewhere), gives the four outputs
+    side by side; the max of the four column blocks is the pool. For k = 3 that is 16/9 of the
+    conv's multiplications, but as one dense matmul, and the full-resolution conv output (33 MB
+    per 256 CIFAR images after conv1) is never written: XLA:CPU's convolution with 3 input
+    channels runs far below its speed with more. The sums are the conv's products plus exact
+    zeros, so values equal the conv's up to float32 summation order; only a non-finite input
+    differs in kind (0 * inf is NaN where the conv gives inf, within the same pooled pixel).
+    """
+    b, h, w, c = x.shape
+    k, cout = kernel.shape[0], kernel.shape[-1]
+    p, span = k // 2, k + 1
+    h2, w2 = h // 2, w // 2  # odd trailing rows/columns are dropped, as max_pool_2x2 does
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    windows = jnp.concatenate([padded[:, dy:dy + 2 * h2 - 1:2, dx:dx + 2 * w2 - 1:2]
+                               for dy in range(span) for dx in range(span)], axis=-1)
+    at_offsets = jnp.stack([jnp.pad(kernel, ((dy, 1 - dy), (dx, 1 - dx), (0, 0), (0, 0)))
+                            for dy in (0, 1) for dx in (0, 1)], axis=3)  # [span, span, C, 4, Cout]
+    y = windows @ at_offsets.reshape(span * span * c, 4 * cout)  # [B, H/2, W/2, 4 * Cout]
+    q = [y[..., i * cout:(i + 1) * cout] for i in range(4)]
+    return jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
 
 
 def computed_once(x, flag):
@@ -572,10 +626,14 @@ def _bnrp_forward(x, scale, bias, epsilon):
     # where gain < 0 (one reduce over the windows of x * sign(gain)), the first where gain == 0
     # (all tie; the gradient goes to the first). x-hat there is what BatchNorm's gradient needs,
     # and, rounding being monotone, max(x * gain + shift) == best_x * gain + shift exactly, so
-    # the output needs no second pass. A reduce, unlike an elementwise max of four slices, is
-    # not duplicated by XLA into each consumer (e.g. the next conv's kernel-gradient transpose).
+    # the output needs no second pass. The max of four slices runs faster on XLA:CPU than a
+    # reduce (YNNPACK's reduce fusion); `computed_once` keeps XLA from recomputing it inside
+    # each of its consumers (the output, the saved residual, the next conv's input).
     sign = jnp.where(gain < 0, -1.0, 1.0).astype(jnp.float32)
-    best_x = jnp.where(gain == 0, _quadrants(x)[0], max_pool_2x2(x * sign) * sign)
+    q = _quadrants(x * sign)
+    window_max = jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3])) * sign
+    best_x = computed_once(jnp.where(gain == 0, _quadrants(x)[0], window_max),
+                           jnp.isfinite(scale[0]))
     y = jnp.maximum(best_x * gain + shift, 0.0)
     return y, mean, var, (inv, gain, best_x)
 

@@ -15,7 +15,8 @@ from jax import lax
 from cbam_jax.models import CBAMCNN
 from cbam_jax.ops import (batch_norm_relu_pool_train, batch_norm_train, cbam_tutorial,
                           channel_attention, conv_bn_relu_pool, conv_same, conv_same_toeplitz,
-                          computed_once, dense_dot_general, max_pool_2x2, pool_shift_relu,
+                          computed_once, conv_max_pool_2x2, conv_pool_shift_relu, dense_dot_general,
+                          max_pool_2x2, pooled_conv_windows,
                           spatial_attention)
 
 
@@ -120,12 +121,44 @@ def test_batch_norm_relu_pool_refuses_odd_sizes_and_bfloat16():
         batch_norm_relu_pool_train(jnp.zeros((2, 4, 4, 5), jnp.bfloat16), scale, bias, 1e-5)
 
 
-@pytest.mark.parametrize("shape", [(3, 8, 6, 4), (2, 5, 7, 3)])  # even, odd (edges dropped)
-def test_pool_shift_relu_equals_relu_of_the_shift_then_the_pool(shape):
+# (3, 8, 6, 3), (2, 5, 7, 3): the window matmul on a CPU, even and odd (edges dropped) sizes;
+# (3, 8, 6, 8): more input channels than WINDOW_MATMUL_MAX_CHANNELS, the direct conv.
+@pytest.mark.parametrize("shape", [(3, 8, 6, 3), (2, 5, 7, 3), (3, 8, 6, 8)])
+def test_conv_pool_shift_relu_is_within_float32_rounding_of_the_exact_value(shape):
+    """Against float64, within the classic bound on a float32 sum of n terms: gamma_n times the
+    sum of their magnitudes, n = the window matmul's (k + 1)^2 * Cin products (the conv's 9 *
+    Cin and exact zeros) plus the shift; the max-pool and ReLU add no error."""
     rng = np.random.default_rng(3)
+    x, kernel, shift = (rng.normal(size=s) for s in (shape, (3, 3, shape[-1], 5), (5,)))
+    out = jax.jit(conv_pool_shift_relu)(*(jnp.asarray(a, jnp.float32) for a in (x, kernel, shift)))
+    with jax.enable_x64():
+        exact = max_pool_2x2(jax.nn.relu(conv_same(jnp.asarray(x), jnp.asarray(kernel)) + shift))
+        magnitude = conv_same(jnp.abs(jnp.asarray(x)), jnp.abs(jnp.asarray(kernel))) + np.abs(shift)
+        n = 16 * shape[-1] + 1
+        unit = np.finfo(np.float32).eps / 2
+        bound = n * unit / (1 - n * unit) * float(magnitude.max())
+        assert out.shape == exact.shape
+        assert float(jnp.abs(out - exact).max()) <= bound
+
+
+@pytest.mark.parametrize("channels, convolutions", [(3, 0), (4, 0), (5, 1)])
+def test_the_pooled_conv_of_a_few_channels_is_one_matmul_on_cpu(channels, convolutions):
+    """`conv_max_pool_2x2` takes the window matmul up to WINDOW_MATMUL_MAX_CHANNELS input
+    channels on a CPU (1.5-2.2x XLA:CPU's convolution there, docs/benchmarks.md), the direct
+    conv above it and on other platforms."""
+    x = jnp.zeros((2, 8, 8, channels))
+    kernel = jnp.zeros((3, 3, channels, 4))
+    hlo = jax.jit(conv_max_pool_2x2).lower(x, kernel).compile().as_text()
+    on_cpu = jax.default_backend() == "cpu"
+    assert hlo.count("convolution(") == (convolutions if on_cpu else 1)
+
+
+@pytest.mark.parametrize("k, shape", [(3, (2, 2, 3, 1)), (5, (2, 9, 8, 2)), (1, (1, 4, 6, 3))])
+def test_pooled_conv_windows_equals_the_pooled_conv_for_any_odd_kernel(k, shape):
+    rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-    shift = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
-    np.testing.assert_array_equal(pool_shift_relu(x, shift), max_pool_2x2(jax.nn.relu(x + shift)))
+    kernel = jnp.asarray(rng.normal(size=(k, k, shape[-1], 4)), jnp.float32)
+    assert _rel_err(pooled_conv_windows(x, kernel), max_pool_2x2(conv_same(x, kernel))) < 1e-6
 
 
 @pytest.mark.parametrize("flag", [True, False])
@@ -135,20 +168,25 @@ def test_computed_once_returns_its_input_bit_for_bit_whatever_the_flag(flag):
     np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(x).view(np.uint32))
 
 
-def test_the_eval_model_writes_each_pooled_block_output_once_on_cpu():
-    """One conditional per block on a CPU (`computed_once` in `pool_shift_relu`), none
-    elsewhere: without them XLA:CPU recomputes the pooling in each of CBAM's three passes (5%
-    of evaluation on 2 CPU devices, docs/benchmarks.md). A JAX whose XLA folds them away fails
-    here; the control, training mode, has none."""
+def test_the_model_writes_each_pooled_block_output_once_on_cpu():
+    """One conditional per block on a CPU (`computed_once`, in `conv_pool_shift_relu` for
+    evaluation and `batch_norm_relu_pool_train` for training), none elsewhere: without them
+    XLA:CPU recomputes the pooling inside each consumer of the block's output (5% of evaluation
+    and 4-6% of a train step on 2 CPU devices, docs/benchmarks.md). A JAX whose XLA folds them
+    away fails here; the control, the layer-by-layer path of `capture_intermediates` (plain
+    ops), has none."""
     model = CBAMCNN()
     x = jnp.zeros((2, 32, 32, 3))
     variables = model.init(jax.random.PRNGKey(0), x)
-    def compiled(train):
+    def conditionals(train, **capture):
+        mutable = (["batch_stats"] if train else []) + (["intermediates"] if capture else [])
         fn = lambda v, x: model.apply(v, x, train=train, rngs={"dropout": jax.random.PRNGKey(1)},
-                                      mutable=["batch_stats"] if train else False)
-        return jax.jit(fn).lower(variables, x).compile().as_text()
-    assert compiled(False).count("conditional(") == (3 if jax.default_backend() == "cpu" else 0)
-    assert compiled(True).count("conditional(") == 0
+                                      mutable=mutable or False, **capture)
+        return jax.jit(fn).lower(variables, x).compile().as_text().count("conditional(")
+    per_block = 1 if jax.default_backend() == "cpu" else 0
+    assert conditionals(False) == conditionals(True) == 3 * per_block
+    assert conditionals(False, capture_intermediates=True) == 0
+    assert conditionals(True, capture_intermediates=True) == 0
 
 
 @pytest.mark.parametrize("hw, channels, k", [((16, 16), 2, 7), ((4, 4), 2, 7), ((5, 7), 2, 7),
