@@ -393,6 +393,12 @@ def _quadrants(x):
     return [windows[:, :, dy, :, dx, :] for dy in (0, 1) for dx in (0, 1)]
 
 
+def _max_of_quadrants(quadrants):
+    """The elementwise max of the four `_quadrants`: each 2x2 window's maximum."""
+    return jnp.maximum(jnp.maximum(quadrants[0], quadrants[1]),
+                       jnp.maximum(quadrants[2], quadrants[3]))
+
+
 def _from_quadrants(parts, shape):
     """Inverse of `_quadrants`: the four [B, H/2, W/2, C] parts interleaved back to `shape`,
     zero on the odd trailing rows/columns."""
@@ -478,8 +484,7 @@ def conv_max_pool_2x2(x, kernel):
     ran conv1 + pool there at a tenth of the Eigen convolution's speed.
     """
     def direct(x, kernel):
-        q = _quadrants(conv_same(x, kernel))
-        return jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
+        return _max_of_quadrants(_quadrants(conv_same(x, kernel)))
     kh, kw = kernel.shape[:2]
     if (x.shape[-1] > WINDOW_MATMUL_MAX_CHANNELS or x.dtype != jnp.float32 or kh != kw
             or kh % 2 == 0 or min(x.shape[1:3]) < 2):
@@ -511,8 +516,7 @@ def pooled_conv_windows(x, kernel):
     at_offsets = jnp.stack([jnp.pad(kernel, ((dy, 1 - dy), (dx, 1 - dx), (0, 0), (0, 0)))
                             for dy in (0, 1) for dx in (0, 1)], axis=3)  # [span, span, C, 4, Cout]
     y = windows @ at_offsets.reshape(span * span * c, 4 * cout)  # [B, H/2, W/2, 4 * Cout]
-    q = [y[..., i * cout:(i + 1) * cout] for i in range(4)]
-    return jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3]))
+    return _max_of_quadrants([y[..., i * cout:(i + 1) * cout] for i in range(4)])
 
 
 def computed_once(x, flag):
@@ -623,15 +627,14 @@ def _bnrp_forward(x, scale, bias, epsilon):
                          f"and W, got {x.dtype} {x.shape}")
     mean, var, inv, gain, shift = _batch_statistics(x, scale, bias, epsilon)
     # The window maximum before normalisation: the largest x where gain > 0, the smallest
-    # where gain < 0 (one reduce over the windows of x * sign(gain)), the first where gain == 0
+    # where gain < 0 (the windows' maxima of x * sign(gain)), the first where gain == 0
     # (all tie; the gradient goes to the first). x-hat there is what BatchNorm's gradient needs,
     # and, rounding being monotone, max(x * gain + shift) == best_x * gain + shift exactly, so
     # the output needs no second pass. The max of four slices runs faster on XLA:CPU than a
     # reduce (YNNPACK's reduce fusion); `computed_once` keeps XLA from recomputing it inside
     # each of its consumers (the output, the saved residual, the next conv's input).
     sign = jnp.where(gain < 0, -1.0, 1.0).astype(jnp.float32)
-    q = _quadrants(x * sign)
-    window_max = jnp.maximum(jnp.maximum(q[0], q[1]), jnp.maximum(q[2], q[3])) * sign
+    window_max = _max_of_quadrants(_quadrants(x * sign)) * sign
     best_x = computed_once(jnp.where(gain == 0, _quadrants(x)[0], window_max),
                            jnp.isfinite(scale[0]))
     y = jnp.maximum(best_x * gain + shift, 0.0)

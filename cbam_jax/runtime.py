@@ -74,12 +74,15 @@ def _add_xla_flag(flag: str) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
 
 
-# glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets.
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+# glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets (C ints).
+M_TOP_PAD, M_MMAP_THRESHOLD = -2, -3
 KEPT_MEMORY = {
-    M_MMAP_THRESHOLD: 1 << 30,  # blocks below 1 GiB come from the heap, not a fresh mmap
-    M_TRIM_THRESHOLD: 1 << 32,  # never hand the heap's free top back to the kernel
-    M_TOP_PAD: 1 << 26,  # keep a thread's 64 MiB heaps when they empty, rather than unmap them
+    # Blocks below 1 GiB come from a heap, not a fresh mmap (this also stops glibc adapting
+    # its thresholds to the sizes freed so far).
+    M_MMAP_THRESHOLD: 1 << 30,
+    # Trimming a heap keeps 64 MiB of free memory at its top, and a thread's heap that empties
+    # is kept rather than unmapped.
+    M_TOP_PAD: 1 << 26,
 }
 MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                       "GLIBC_TUNABLES")
@@ -107,6 +110,7 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (macOS, musl without the soname)
         return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)  # a value out of range raises, not wraps
     return all([mallopt(param, value) == 1 for param, value in KEPT_MEMORY.items()])
 
 
