@@ -172,7 +172,7 @@ def test_the_model_writes_each_pooled_block_output_once_on_cpu():
     """One conditional per block on a CPU (`computed_once`, in `conv_pool_shift_relu` for
     evaluation and `batch_norm_relu_pool_train` for training), none elsewhere: without them
     XLA:CPU recomputes the pooling inside each consumer of the block's output (5% of evaluation
-    and 4-6% of a train step on 2 CPU devices, docs/benchmarks.md). A JAX whose XLA folds them
+    and 2-6% of a train step, docs/benchmarks.md). A JAX whose XLA folds them
     away fails here; the control, the layer-by-layer path of `capture_intermediates` (plain
     ops), has none."""
     model = CBAMCNN()

@@ -41,8 +41,8 @@ def _run(script, *args, **environment):
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     """By default glibc serves a block of 32 MB or more with a fresh mmap each time (10k page
     faults per 40 MB allocation, the control); after keep_freed_memory the thread's heap keeps
-    the block for the next allocation. (The project
-    runs on Linux with glibc; elsewhere keep_freed_memory returns False and this fails.)"""
+    the block for the next allocation. (The project runs on Linux with glibc; elsewhere
+    keep_freed_memory returns False and this fails.)"""
     kept, kept_faults = _run(FAULTS, "keep")
     _, default_faults = _run(FAULTS, "default")
     assert kept == "True"
