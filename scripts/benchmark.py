@@ -30,6 +30,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -127,6 +128,9 @@ class Timings:
     warmup_seconds: dict = dataclasses.field(default_factory=dict)  # compile, worker start-up
     cpu_seconds: dict = dataclasses.field(default_factory=dict)     # this process, timed reps
     wall_seconds: dict = dataclasses.field(default_factory=dict)    # the same reps, wall clock
+    # This process's minor page faults in the timed reps: a process whose allocator maps its
+    # buffers anew each call shows it here (docs/benchmarks.md, "Fifth session").
+    minor_faults: dict = dataclasses.field(default_factory=dict)
     load_average: tuple = ()  # the 1-minute load average before and after
     errors: dict = dataclasses.field(default_factory=dict)  # contenders whose warm-up failed
 
@@ -151,11 +155,14 @@ def interleave(contenders: dict, reps: int, warmup: int = 1,
             continue
         timings.warmup_seconds[name] = time.perf_counter() - start
         timings.samples[name], timings.cpu_seconds[name], timings.wall_seconds[name] = [], 0., 0.
+        timings.minor_faults[name] = 0
     contenders = {name: fn for name, fn in contenders.items() if name in timings.samples}
     for _ in range(reps):
         for name, fn in contenders.items():
             wall, cpu = time.perf_counter(), time.process_time()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             timings.samples[name].append(float(fn()))
+            timings.minor_faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             timings.cpu_seconds[name] += time.process_time() - cpu
             timings.wall_seconds[name] += time.perf_counter() - wall
     timings.load_average = (load_start, os.getloadavg()[0])
@@ -184,7 +191,8 @@ def summarize(timings: Timings, baseline: str, unit: str = "img/s") -> dict:
                      "ratio_median": ratio["median"],
                      "ratio_min": ratio["min"], "ratio_max": ratio["max"],
                      "warmup_seconds": timings.warmup_seconds[name],
-                     "cores_busy": timings.cpu_seconds[name] / wall if wall > 0 else None})
+                     "cores_busy": timings.cpu_seconds[name] / wall if wall > 0 else None,
+                     "minor_faults_per_rep": timings.minor_faults[name] / len(values)})
         if compiled is not None:
             rows[-1]["ratio_vs_compiled"] = _pair_ratios(values, timings.samples[compiled])
     result = {"baseline": baseline, "reps": len(timings.samples[baseline]), "rows": rows,

@@ -43,6 +43,7 @@ def _check_result(result, names, baseline, reps):
         assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
         assert row["warmup_seconds"] > 0
         assert 0 < row["cores_busy"] < 64  # CPU seconds over wall seconds of this process
+        assert row["minor_faults_per_rep"] >= 0
     base = next(row for row in result["rows"] if row["name"] == baseline)
     assert base["ratio_median"] == 1.0
     compiled = [row for row in result["rows"] if row["name"].startswith("torch.compile")]
@@ -178,6 +179,22 @@ def test_processes_flag_runs_each_measurement_in_a_fresh_process(tmp_path):
     assert (tmp_path / "processes.md").read_text().startswith("2 processes, load average")
     with pytest.raises(SystemExit):
         benchmark.main(["--processes", "0"])
+
+
+def test_interleave_counts_each_contenders_page_faults():
+    """Page faults are counted per contender: one that maps and touches 64 MB of fresh memory
+    per call faults at least once per 2 MB page (once per 4 kB one without huge pages); the
+    control, a contender that allocates nothing, about never."""
+    import mmap
+
+    def fresh_memory():
+        with mmap.mmap(-1, 64 << 20) as block:
+            block[::4096] = b"x" * (len(block) // 4096)
+        return 1.0
+
+    timings = benchmark.interleave({"fresh memory": fresh_memory, "nothing": lambda: 1.0}, reps=3)
+    assert timings.minor_faults["fresh memory"] >= 3 * 32
+    assert timings.minor_faults["nothing"] < timings.minor_faults["fresh memory"] / 4
 
 
 def test_unknown_section_is_a_usage_error(capsys):
