@@ -8,9 +8,11 @@ record of the epoch. The host dispatches calls asynchronously and reads that rec
 `log_every` batches, every few seconds for the progress line, and at the end of the epoch, so
 no per-step round trip stalls the device.
 
-On XLA:CPU one call per step is the fast path (a rolled loop over steps makes the backward convs
-fall off the fast kernels, jax-ml/jax#12868); on GPU/TPU, where dispatch overhead dominates,
-`steps_per_call` > 1 runs that many steps in one rolled `fori_loop`.
+A call trains `steps_per_call` batches. On GPU/TPU, where dispatch overhead dominates, 50 of them
+in one rolled `fori_loop`. On XLA:CPU a rolled loop makes the backward convs fall off the fast
+kernels (jax-ml/jax#12868), so a call there runs its steps unrolled, one after another in the
+compiled code: 2 per call, which saves each call's fixed costs (its launch on every device, and
+its temporaries, which glibc maps afresh at batch 256) without a rolled loop.
 """
 import dataclasses
 import functools
@@ -38,7 +40,10 @@ from cbam_jax.registry import create_model
 from cbam_jax.schedule import PlateauState, tutorial_plateau
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the names of recipe.DTYPES
-DEVICE_STEPS_PER_CALL = 50
+DEVICE_STEPS_PER_CALL = 50  # in a rolled loop (GPU/TPU)
+# Unrolled on XLA:CPU; measured against 1 step per call, 2 devices (docs/benchmarks.md):
+# 1.05x at batch 64 and 1.10x at 256; 3 per call gained no more at 64 and compile longer.
+CPU_STEPS_PER_CALL = 2
 # Independent PRNG streams folded from the run's key: per-step (augmentation, dropout) keys
 # are folded with the global step, shuffles with the epoch, so the two never collide.
 _STEP_STREAM, _SHUFFLE_STREAM = 0, 1
@@ -55,7 +60,13 @@ def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
 
 
 def default_steps_per_call() -> int:
-    return 1 if jax.default_backend() == "cpu" else DEVICE_STEPS_PER_CALL
+    return CPU_STEPS_PER_CALL if jax.default_backend() == "cpu" else DEVICE_STEPS_PER_CALL
+
+
+def rolled_loops() -> bool:
+    """Whether a call's steps run as a rolled `fori_loop` (GPU/TPU: one compile for any count)
+    or unrolled (XLA:CPU, jax-ml/jax#12868: one compile per count)."""
+    return jax.default_backend() != "cpu"
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,8 +204,17 @@ def new_epoch_record(rng, epoch, n: int, num_batches: int) -> EpochRecord:
 class CallShape(NamedTuple):
     """What a compiled train call is specialised to; each distinct value compiles once."""
     size: int          # images per batch (the epoch's final partial batch has its own)
-    looped: bool       # a rolled fori_loop over the call's batches (else exactly one)
+    looped: bool       # a rolled fori_loop over the call's batches (any count)
     with_grads: bool   # return the (last) step's gradients, for the histograms
+    unrolled: int = 1  # if not looped: exactly this many steps, one after another
+
+
+def call_shape(size: int, count: int, rolled: bool, with_grads: bool = False) -> CallShape:
+    """The shape of a call that trains `count` batches of `size`: in a rolled loop (`rolled`,
+    the GPU/TPU way; one step needs no loop) or unrolled (the CPU way)."""
+    if rolled:
+        return CallShape(size, count > 1, with_grads)
+    return CallShape(size, False, with_grads, count)
 
 
 class Call(NamedTuple):
@@ -208,8 +228,9 @@ def train_batches(state: TrainState, record: EpochRecord, data: DeviceData, firs
                   num_batches, *, shape: CallShape):
     """Train on batches [first_batch, first_batch + num_batches) of the epoch's permutation.
 
-    Returns (state, record, gradients of the step or None). `shape.looped` runs a rolled loop
-    over `num_batches` (one compile for any count); otherwise exactly one step.
+    Returns (state, record, gradients of the last step or None). `shape.looped` runs a rolled
+    loop over `num_batches` (one compile for any count); otherwise exactly `shape.unrolled`
+    steps (== num_batches), written one after another.
     """
     def one(batch, carry):
         state, record = carry
@@ -221,16 +242,18 @@ def train_batches(state: TrainState, record: EpochRecord, data: DeviceData, firs
         carry = jax.lax.fori_loop(first_batch, first_batch + num_batches,
                                   lambda b, c: one(b, c)[0], (state, record))
         return *carry, None
-    (state, record), grads = one(first_batch, (state, record))
-    return state, record, grads if shape.with_grads else None
+    carry, grads = (state, record), None
+    for i in range(shape.unrolled):
+        carry, grads = one(first_batch + i, carry)
+    return *carry, grads if shape.with_grads else None
 
 
 def epoch_plan(num_train: int, batch_size: int, steps_per_call: int,
-               hist_every: int) -> list[Call]:
-    """The calls of one epoch.
+               hist_every: int, rolled: bool = True) -> list[Call]:
+    """The calls of one epoch, their steps in rolled loops or unrolled (`call_shape`).
 
-    Full batches run `steps_per_call` at a time; a histogram batch runs alone in the variant
-    that returns gradients. The final partial batch (50,000 = 781 * 64 + 16 in the tutorial,
+    Full batches run `steps_per_call` at a time (fewer up to a histogram batch and at the end);
+    a histogram batch runs alone in the variant that returns gradients. The final partial batch (50,000 = 781 * 64 + 16 in the tutorial,
     whose DataLoader keeps it) is its own call with its own compiled shape: padding it would
     change the BatchNorm batch statistics.
     """
@@ -238,15 +261,15 @@ def epoch_plan(num_train: int, batch_size: int, steps_per_call: int,
     calls, batch = [], 0
     while batch < full:
         if (batch + 1) % hist_every == 0:
-            calls.append(Call(batch, 1, CallShape(batch_size, False, True)))
+            calls.append(Call(batch, 1, call_shape(batch_size, 1, rolled, with_grads=True)))
             batch += 1
             continue
         next_hist = (batch // hist_every + 1) * hist_every - 1
         count = min(steps_per_call, next_hist - batch, full - batch)
-        calls.append(Call(batch, count, CallShape(batch_size, count > 1, False)))
+        calls.append(Call(batch, count, call_shape(batch_size, count, rolled)))
         batch += count
     if rest:
-        calls.append(Call(full, 1, CallShape(rest, False, (full + 1) % hist_every == 0)))
+        calls.append(Call(full, 1, call_shape(rest, 1, rolled, (full + 1) % hist_every == 0)))
     return calls
 
 
@@ -285,8 +308,13 @@ def batch_metrics(record, data: DeviceData):
         metrics, distributed.replicated(data.batch_sharding.mesh))
 
 
-def evaluate(state: TrainState, data: DeviceData, looped: bool = False) -> tuple[float, float]:
-    """(mean of per-batch mean losses, accuracy %) over exactly the real test images."""
+def evaluate(state: TrainState, data: DeviceData, looped: bool = True) -> tuple[float, float]:
+    """(mean of per-batch mean losses, accuracy %) over exactly the real test images.
+
+    `looped`: all test batches in one call, a rolled loop, on every backend: the forward convs
+    keep their speed in a loop on XLA:CPU, and one call instead of one per batch evaluated
+    CIFAR's 10,000 test images 1.24x as fast at batch 64 on 2 CPU devices (docs/benchmarks.md).
+    `looped=False` makes one call per batch."""
     n = data.num_test_batches
     record = {"loss": np.zeros((n, data.batch_size), np.float32),
               "correct": np.zeros((n, data.batch_size), bool)}
@@ -341,7 +369,8 @@ def train_epoch(state: TrainState, data: DeviceData, epoch: int, config: TrainCo
     if data.batch_sharding is not None:  # where the step returns it, so that no call recompiles
         record = distributed.put_replicated(record, data.batch_sharding.mesh)
     read_until = 0
-    for call in epoch_plan(data.num_train, data.batch_size, steps_per_call, config.hist_every):
+    for call in epoch_plan(data.num_train, data.batch_size, steps_per_call, config.hist_every,
+                           rolled_loops()):
         state, record, grads = train_batches(state, record, data, np.int32(call.first),
                                              np.int32(call.count), shape=call.shape)
         if grads is not None:
@@ -549,8 +578,7 @@ def _run_epoch(state, data, epoch, config, lr, reporter, note):
     finally:
         reporter.close()
     epoch_time = time.perf_counter() - start
-    looped = (config.steps_per_call or default_steps_per_call()) > 1
-    test_loss, test_acc = evaluate(state, data, looped)
+    test_loss, test_acc = evaluate(state, data)
     if not math.isfinite(test_loss):
         raise NonFiniteLossError(f"test loss is {test_loss} after epoch {epoch + 1}: stopping. "
                                  f"{note}")

@@ -258,14 +258,16 @@ def scan_batches(state, record, data, first_batch, *, size: int, count: int):
 
 @functools.lru_cache(maxsize=None)
 def train_call(loop: str, compiler_options: tuple = ()):
-    """The engine's train call, `train.train_batches` ("fori") or `scan_batches` ("scan"),
+    """The engine's train call, `train.train_batches` ("fori", "unrolled") or `scan_batches`
+    ("scan"),
     jitted with XLA `compiler_options` ((name, value) pairs) for its compiles only. One jitted
     function per combination, so contenders that differ only in the batch count share a compile;
     without options it is the engine's own function."""
-    jitted = {"fori": train.train_batches, "scan": scan_batches}[loop]
+    jitted = {"fori": train.train_batches, "unrolled": train.train_batches,
+              "scan": scan_batches}[loop]
     if not compiler_options:
         return jitted
-    static = ("shape",) if loop == "fori" else ("size", "count")
+    static = ("size", "count") if loop == "scan" else ("shape",)
     return jax.jit(jitted.__wrapped__, static_argnames=static,
                    donate_argnames=("state", "record"), compiler_options=dict(compiler_options))
 
@@ -287,12 +289,16 @@ def without_custom_gradients(apply_fn):
     return apply
 
 
-def jax_engine_calls(batch: int, steps: int, steps_per_call: int = 1, *, mesh,
-                     loop: str = "fori", dtype: str = "float32", compiler_options: tuple = (),
-                     custom_gradients: bool = True):
+def jax_engine_calls(batch: int, steps: int, steps_per_call: int | None = None, *, mesh,
+                     loop: str | None = None, dtype: str = "float32",
+                     compiler_options: tuple = (), custom_gradients: bool = True):
     """Images/s of `steps` steps of the engine's train call (gather the batch from the data set on
-    the device, augment, Adam step, record), `steps_per_call` per call: 1 (the CPU default) or
-    more in a rolled loop ("fori", the GPU default; or "scan"). Compiles on its first run."""
+    the device, augment, Adam step, record), `steps_per_call` per call (default: the engine's,
+    `train.default_steps_per_call`): in a rolled loop ("fori", the GPU/TPU way; or "scan") or
+    unrolled ("unrolled", the CPU way; default: the engine's for this backend). Compiles on its
+    first run."""
+    steps_per_call = steps_per_call or train.default_steps_per_call()
+    loop = loop or ("fori" if train.rolled_loops() else "unrolled")
     if steps % steps_per_call:
         raise ValueError(f"steps ({steps}) must be a multiple of steps_per_call "
                          f"({steps_per_call})")
@@ -307,7 +313,7 @@ def jax_engine_calls(batch: int, steps: int, steps_per_call: int = 1, *, mesh,
     if loop == "scan":
         static = dict(size=batch, count=steps_per_call)
     else:
-        static = dict(shape=train.CallShape(batch, steps_per_call > 1, False))
+        static = dict(shape=train.call_shape(batch, steps_per_call, rolled=loop == "fori"))
     count = () if loop == "scan" else (np.int32(steps_per_call),)
     holder = [state, record]
 
@@ -357,13 +363,12 @@ def jax_epoch(n_train: int, n_test: int, mesh, batch: int = 64):
     """One epoch of the engine (train_epoch, then evaluate), images/s over train + test images."""
     data = place_data(synthetic_dataset(n_train, n_test), mesh, batch)
     config = train.TrainConfig(epochs=1, batch_size=batch)
-    looped = train.default_steps_per_call() > 1
     holder, epoch = [distributed.put_replicated(_jax_state(), mesh)], iter(range(1 << 30))
 
     def run():
         start = time.perf_counter()
         holder[0], _, _ = train.train_epoch(holder[0], data, next(epoch), config)
-        train.evaluate(holder[0], data, looped)
+        train.evaluate(holder[0], data)
         return (n_train + n_test) / (time.perf_counter() - start)
     return run
 
@@ -684,11 +689,14 @@ def make_plan(quick: bool = False, reps: int | None = None, full_epoch: bool = F
 
 def section_step(plan: Plan, mesh) -> dict:
     out = {}
+    # The engine's row calls it as it trains on CPU (2 unrolled steps per call); on GPU/TPU one
+    # step per call (gpu_check times the rolled loops). "jax step" is one bare step per call.
+    per_call = 1 if train.rolled_loops() else train.default_steps_per_call()
     for batch in plan.step_batches:
         contenders = {"torch eager": torch_train_step(batch, plan.step_calls),
                       "jax step": jax_train_step(batch, plan.step_calls, mesh),
-                      "jax engine step (+ augment)": jax_engine_calls(batch, plan.step_calls,
-                                                                      mesh=mesh)}
+                      "jax engine step (+ augment)": jax_engine_calls(
+                          batch, plan.step_calls, per_call, mesh=mesh)}
         if plan.torch_compile:
             contenders["torch.compile"] = torch_train_step(batch, plan.step_calls,
                                                            plan.torch_compile_backend)

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     from cbam_jax.inference import find_run_dir, predict
     from cbam_jax.loader import place_data
     from cbam_jax.logbook import plot_confusion_matrix
-    from cbam_jax.train import default_steps_per_call, evaluate
+    from cbam_jax.train import evaluate
     try:  # parity (with torch) also reads a tutorial .pth
         from parity import load_checkpoint
     except ImportError:
@@ -84,8 +84,7 @@ def main(argv=None) -> int:
         print(f"note: the run split each batch over {trained.devices} devices, this evaluation "
               f"over {mesh.size}: the loss may differ in its last digits", file=sys.stderr)
 
-    looped = (trained.config.steps_per_call or default_steps_per_call()) > 1  # as fit did
-    test_loss, test_acc = evaluate(trained.state, data, looped)
+    test_loss, test_acc = evaluate(trained.state, data)
     predicted = predict(trained.state, dataset.test_images, top_k=1,
                         batch_size=trained.config.batch_size).classes[:, 0]
     report = measurements(trained, dataset, test_loss, test_acc, predicted, mesh.size)

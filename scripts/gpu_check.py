@@ -250,26 +250,30 @@ def train_call_groups(sizes: Sizes) -> dict:
     float32), so each ratio reads against it."""
     k = sizes.steps_per_call[-1]
     base = {"1 step per call": dict(steps_per_call=1)}
-    fori = {f"fori_loop of {k}": dict(steps_per_call=k)}
+    fori = {f"fori_loop of {k}": dict(steps_per_call=k, loop="fori")}
     return {
         "steps per call (XLA's command buffers as it sets them)": {
-            **base, **{f"fori_loop of {n}": dict(steps_per_call=n) for n in sizes.steps_per_call},
+            **base, **{f"fori_loop of {n}": dict(steps_per_call=n, loop="fori")
+               for n in sizes.steps_per_call},
             f"lax.scan of {k}": dict(steps_per_call=k, loop="scan")},
         "command buffers off": {
             **base, "1 step per call, off": dict(steps_per_call=1, buffers="off"),
-            f"fori_loop of {k}, off": dict(steps_per_call=k, buffers="off"),
+            f"fori_loop of {k}, off": dict(steps_per_call=k, loop="fori", buffers="off"),
             f"lax.scan of {k}, off": dict(steps_per_call=k, loop="scan", buffers="off")},
         "command buffers with loops (WHILE, CONDITIONAL)": {
             **base, **fori,
-            f"fori_loop of {k}, with loops": dict(steps_per_call=k, buffers="with loops"),
+            f"fori_loop of {k}, with loops": dict(steps_per_call=k, loop="fori",
+                                                 buffers="with loops"),
             f"lax.scan of {k}, with loops": dict(steps_per_call=k, loop="scan",
                                                  buffers="with loops")},
         "bfloat16": {
             **base, **fori, "1 step per call, bfloat16": dict(steps_per_call=1, dtype="bfloat16"),
-            f"fori_loop of {k}, bfloat16": dict(steps_per_call=k, dtype="bfloat16")},
+            f"fori_loop of {k}, bfloat16": dict(steps_per_call=k, loop="fori",
+                                                  dtype="bfloat16")},
         "custom gradients (cbam_jax.ops's fused ops), or autodiff's": {
             **base, **fori,
-            f"fori_loop of {k}, autodiff": dict(steps_per_call=k, custom_gradients=False)},
+            f"fori_loop of {k}, autodiff": dict(steps_per_call=k, loop="fori",
+                                                  custom_gradients=False)},
     }
 
 

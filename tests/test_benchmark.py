@@ -19,9 +19,10 @@ _spec = importlib.util.spec_from_file_location(
 benchmark = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(benchmark)
 
+# step_calls=2: the engine row calls 2 unrolled steps at a time on CPU.
 # torch.compile with the "eager" backend: Dynamo traces the model (the rows' code path) without
 # the minutes that Inductor's code generation takes on a busy CPU.
-TINY = benchmark.Plan(reps=2, step_batches=(8,), step_calls=1, eval_batch=8, eval_calls=1,
+TINY = benchmark.Plan(reps=2, step_batches=(8,), step_calls=2, eval_batch=8, eval_calls=1,
                       torch_compile=True, torch_compile_backend="eager", augment_images=16,
                       augment_workers=(0,), epoch_train=64, epoch_test=32, epoch_reps=1,
                       nnx_calls=3)
@@ -100,11 +101,13 @@ def test_report_names_device_versions_threads_and_load_and_serialises(report):
 
 
 def test_engine_call_variants_train_the_same_steps():
-    """A fori_loop and a lax.scan of 2 steps per call, and the ablation without the custom
-    gradients: each runs 2 steps of the engine on the mesh and reports images/s. (One step per
-    call is the step section's engine row; XLA options are in tests/test_gpu_check.py.)"""
+    """A fori_loop, 2 unrolled steps (the CPU engine's call, the step section's engine row) and
+    a lax.scan of 2 steps per call, and the ablation without the custom gradients: each runs 2
+    steps of the engine on the mesh and reports images/s. (XLA options are in
+    tests/test_gpu_check.py.)"""
     mesh = benchmark.distributed.make_mesh()
-    variants = {"fori": dict(steps_per_call=2),
+    variants = {"fori": dict(steps_per_call=2, loop="fori"),
+                "unrolled": dict(steps_per_call=2, loop="unrolled"),
                 "scan": dict(steps_per_call=2, loop="scan"),
                 "autodiff": dict(steps_per_call=1, custom_gradients=False)}
     for name, kwargs in variants.items():

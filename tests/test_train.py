@@ -27,7 +27,7 @@ from cbam_jax.naming import named_leaves
 from cbam_jax.recipe import TrainConfig
 from cbam_jax.schedule import PlateauState
 from cbam_jax.train import (Call, CallShape, NonFiniteLossError, ResumeMismatchError, build,
-                            create_train_state, epoch_plan, evaluate, fit)
+                            call_shape, create_train_state, epoch_plan, evaluate, fit)
 
 # Batch 32: twice the updates of batch 64 for the same compute, which digits needs under the
 # tutorial's augmentation to pass 90% within a few epochs (measured: 95.0% after 8 epochs,
@@ -236,6 +236,31 @@ def test_rolled_loop_over_steps_matches_one_call_per_step(digits):
     assert np.all(per_call > 0)
 
 
+def test_unrolled_steps_per_call_match_one_call_per_step(digits):
+    """The CPU default, 2 steps per call unrolled, trains exactly as one call per step: the
+    same 8 losses and the same parameters, bit for bit (measured: XLA compiles each unrolled
+    step as the one-step call; a loop, above, is only close). The calls' shapes are what
+    `epoch_plan` makes on CPU."""
+    model, tx = build("float32")
+    data = place_data(digits, make_mesh(), batch_size=32)
+
+    def train_8(steps_per_call):
+        state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
+        record = train.new_epoch_record(state.rng, np.int32(0), data.num_train, DIGITS_BATCHES)
+        for first in range(0, 8, steps_per_call):
+            shape = call_shape(32, steps_per_call, rolled=False)
+            state, record, _ = train.train_batches(state, record, data, np.int32(first),
+                                                   np.int32(steps_per_call), shape=shape)
+        return np.asarray(record.loss[:8]), state
+
+    (unrolled, state_2), (per_call, state_1) = train_8(2), train_8(1)
+    assert call_shape(32, 2, rolled=False) == CallShape(32, False, False, unrolled=2)
+    assert int(state_2.step) == 8 and np.all(per_call > 0)
+    np.testing.assert_array_equal(unrolled, per_call)
+    for a, b in zip(jax.tree.leaves(state_2.params), jax.tree.leaves(state_1.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 class _AlwaysDue(train.EpochObserver):
     """Asks for a read at every call; records how many batches each read saw."""
 
@@ -255,9 +280,14 @@ def test_the_epoch_loop_reads_whenever_its_observer_asks(digits):
     model, tx = build("float32")
     state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
     observer = _AlwaysDue()
-    train.train_epoch(state, place_data(digits, make_mesh(), batch_size=32), 0,
-                      dataclasses.replace(CONFIG, log_every=1000), observer)
-    assert observer.reads == list(range(1, DIGITS_BATCHES + 1))
+    config = dataclasses.replace(CONFIG, log_every=1000)
+    train.train_epoch(state, place_data(digits, make_mesh(), batch_size=32), 0, config,
+                      observer)
+    # After every call: on CPU each call trains 2 batches (the last, a partial batch, alone).
+    plan = epoch_plan(len(digits.train_labels), 32, train.default_steps_per_call(),
+                      config.hist_every, train.rolled_loops())
+    assert observer.reads == [call.first + call.count for call in plan]
+    assert observer.reads[-1] == DIGITS_BATCHES and len(plan) < DIGITS_BATCHES
 
 
 def test_evaluation_covers_every_test_image_exactly_once(digits, full_run):
@@ -287,12 +317,14 @@ def test_training_compiles_the_train_step_once_per_call_shape(tmp_path):
     state placed on one device, or anything else that changes between calls, would make the
     second epoch compile again). Batch 40: no other test compiles it, so the count starts at 0."""
     rng = np.random.default_rng(0)
-    n = 3 * 40 + 8  # batches 0-2 of 40, batch 3 of 8; hist_every=2 takes gradients at 1 and 3
+    # Batches 0-3 of 40, batch 4 of 8; hist_every=3 takes gradients at 2. On CPU (2 unrolled
+    # steps per call): batches 0-1 in one call, 2 alone with gradients, 3 alone, 4 alone.
+    n = 4 * 40 + 8
     images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.int32)
     small = dataclasses.replace(load_dataset("digits", log=quiet), train_images=images,
                                 train_labels=labels)
-    config = TrainConfig(epochs=2, batch_size=40, log_every=1000, hist_every=2)
+    config = TrainConfig(epochs=2, batch_size=40, log_every=1000, hist_every=3)
     compiled = []
 
     def listen(event, duration, **kwargs):
@@ -304,8 +336,10 @@ def test_training_compiles_the_train_step_once_per_call_shape(tmp_path):
         fit(config, small, tmp_path / "run", log=quiet, progress_stream=open("/dev/null", "w"))
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    shapes = {call.shape for call in epoch_plan(n, 40, 1, config.hist_every)}
-    assert len(shapes) == 3  # (40, no gradients), (40, gradients), (8, gradients)
+    shapes = {call.shape for call in epoch_plan(n, 40, train.default_steps_per_call(),
+                                                config.hist_every, train.rolled_loops())}
+    assert shapes == {CallShape(40, False, False, unrolled=2), CallShape(40, False, True),
+                      CallShape(40, False, False), CallShape(8, False, False)}
     assert compiled.count("jit(train_batches)") == len(shapes), compiled
     assert compiled.count("jit(eval_batches)") == 1, compiled
 
@@ -319,6 +353,22 @@ def test_tutorial_epoch_plan_keeps_the_final_batch_of_16():
     # One compiled shape per kind of call: full batch, histogram batch, final batch.
     assert {call.shape for call in plan} == {CallShape(64, False, False),
                                              CallShape(64, False, True), CallShape(16, False, False)}
+
+
+def test_cpu_epoch_plan_unrolls_two_steps_per_call():
+    """The CPU plan of the tutorial's epoch: pairs of batches, one unrolled call each; a batch
+    left alone before the histogram batch and at the end of the full batches; the 16 last."""
+    plan = epoch_plan(50_000, 64, steps_per_call=2, hist_every=500, rolled=False)
+    batches = [b for call in plan for b in range(call.first, call.first + call.count)]
+    assert batches == list(range(782))
+    assert all(call.count == call.shape.unrolled and not call.shape.looped for call in plan)
+    assert Call(498, 1, CallShape(64, False, False)) in plan  # 0-497 in pairs, then 498
+    assert Call(499, 1, CallShape(64, False, True)) in plan
+    assert plan[-1] == Call(781, 1, CallShape(size=16, looped=False, with_grads=False))
+    assert len(plan) == 249 + 1 + 1 + 140 + 1 + 1  # 500-779 in pairs, 780 alone, then the 16
+    assert {call.shape for call in plan} == {
+        CallShape(64, False, False, unrolled=2), CallShape(64, False, False),
+        CallShape(64, False, True), CallShape(16, False, False)}
 
 
 def test_epoch_plan_with_steps_per_call_runs_histogram_batches_alone():
