@@ -219,7 +219,10 @@ class EpochReporter:
                         file=stream if tty else _Lines(stream), ascii=".#", leave=False,
                         bar_format="{desc} [{bar:20}] {n_fmt}/{total_fmt}{postfix}",
                         postfix="compiling the train step..." if compiling else None,
-                        delay=0 if compiling else 1e-6, mininterval=0, dynamic_ncols=False)
+                        delay=0 if compiling else 1e-6, mininterval=0, dynamic_ncols=False,
+                        # every read redraws the line: tqdm's default adapts miniters to the
+                        # updates so far, and skipped the epoch's last batch after updates of 2
+                        miniters=1)
         self.start = self.last_read = time.monotonic()
         self.logged_until = 0
 

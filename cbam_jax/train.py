@@ -42,7 +42,8 @@ from cbam_jax.schedule import PlateauState, tutorial_plateau
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the names of recipe.DTYPES
 DEVICE_STEPS_PER_CALL = 50  # in a rolled loop (GPU/TPU)
 # Unrolled on XLA:CPU; measured against 1 step per call, 2 devices (docs/benchmarks.md):
-# 1.05x at batch 64 and 1.10x at 256; 3 per call gained no more at 64 and compile longer.
+# 1.05x at batch 64 and 1.10x at 256. 3 and 4 gained little more (1.03x at 64; 1.12x and 1.14x
+# at 256), and each count that the epoch plan needs is one more compiled shape.
 CPU_STEPS_PER_CALL = 2
 # Independent PRNG streams folded from the run's key: per-step (augmentation, dropout) keys
 # are folded with the global step, shuffles with the epoch, so the two never collide.
@@ -253,9 +254,9 @@ def epoch_plan(num_train: int, batch_size: int, steps_per_call: int,
     """The calls of one epoch, their steps in rolled loops or unrolled (`call_shape`).
 
     Full batches run `steps_per_call` at a time (fewer up to a histogram batch and at the end);
-    a histogram batch runs alone in the variant that returns gradients. The final partial batch (50,000 = 781 * 64 + 16 in the tutorial,
-    whose DataLoader keeps it) is its own call with its own compiled shape: padding it would
-    change the BatchNorm batch statistics.
+    a histogram batch runs alone in the variant that returns gradients. The final partial batch
+    (50,000 = 781 * 64 + 16 in the tutorial, whose DataLoader keeps it) is its own call with its
+    own compiled shape: padding it would change the BatchNorm batch statistics.
     """
     full, rest = divmod(num_train, batch_size)
     calls, batch = [], 0

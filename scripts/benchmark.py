@@ -259,10 +259,9 @@ def scan_batches(state, record, data, first_batch, *, size: int, count: int):
 @functools.lru_cache(maxsize=None)
 def train_call(loop: str, compiler_options: tuple = ()):
     """The engine's train call, `train.train_batches` ("fori", "unrolled") or `scan_batches`
-    ("scan"),
-    jitted with XLA `compiler_options` ((name, value) pairs) for its compiles only. One jitted
-    function per combination, so contenders that differ only in the batch count share a compile;
-    without options it is the engine's own function."""
+    ("scan"), jitted with XLA `compiler_options` ((name, value) pairs) for its compiles only.
+    One jitted function per combination, so contenders that differ only in the batch count share
+    a compile; without options it is the engine's own function."""
     jitted = {"fori": train.train_batches, "unrolled": train.train_batches,
               "scan": scan_batches}[loop]
     if not compiler_options:

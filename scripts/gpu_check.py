@@ -269,11 +269,11 @@ def train_call_groups(sizes: Sizes) -> dict:
         "bfloat16": {
             **base, **fori, "1 step per call, bfloat16": dict(steps_per_call=1, dtype="bfloat16"),
             f"fori_loop of {k}, bfloat16": dict(steps_per_call=k, loop="fori",
-                                                  dtype="bfloat16")},
+                                               dtype="bfloat16")},
         "custom gradients (cbam_jax.ops's fused ops), or autodiff's": {
             **base, **fori,
             f"fori_loop of {k}, autodiff": dict(steps_per_call=k, loop="fori",
-                                                  custom_gradients=False)},
+                                               custom_gradients=False)},
     }
 
 
