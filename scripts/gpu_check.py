@@ -254,7 +254,7 @@ def train_call_groups(sizes: Sizes) -> dict:
     return {
         "steps per call (XLA's command buffers as it sets them)": {
             **base, **{f"fori_loop of {n}": dict(steps_per_call=n, loop="fori")
-               for n in sizes.steps_per_call},
+                       for n in sizes.steps_per_call},
             f"lax.scan of {k}": dict(steps_per_call=k, loop="scan")},
         "command buffers off": {
             **base, "1 step per call, off": dict(steps_per_call=1, buffers="off"),

@@ -238,9 +238,8 @@ def test_rolled_loop_over_steps_matches_one_call_per_step(digits):
 
 def test_unrolled_steps_per_call_match_one_call_per_step(digits):
     """The CPU default, 2 steps per call unrolled, trains exactly as one call per step: the
-    same 8 losses and the same parameters, bit for bit (measured: XLA compiles each unrolled
-    step as the one-step call; a loop, above, is only close). The calls' shapes are what
-    `epoch_plan` makes on CPU."""
+    same 8 losses and the same parameters, bit for bit (as measured with this XLA; a rolled
+    loop, above, is only close). The calls' shapes are what `epoch_plan` makes on CPU."""
     model, tx = build("float32")
     data = place_data(digits, make_mesh(), batch_size=32)
 
