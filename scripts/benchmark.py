@@ -162,7 +162,8 @@ def interleave(contenders: dict, reps: int, warmup: int = 1,
             wall, cpu = time.perf_counter(), time.process_time()
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             timings.samples[name].append(float(fn()))
-            timings.minor_faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            timings.minor_faults[name] += faults
             timings.cpu_seconds[name] += time.process_time() - cpu
             timings.wall_seconds[name] += time.perf_counter() - wall
     timings.load_average = (load_start, os.getloadavg()[0])
@@ -258,12 +259,12 @@ def scan_batches(state, record, data, first_batch, *, size: int, count: int):
 
 @functools.lru_cache(maxsize=None)
 def train_call(loop: str, compiler_options: tuple = ()):
-    """The engine's train call, `train.train_batches` ("fori", "unrolled") or `scan_batches`
-    ("scan"), jitted with XLA `compiler_options` ((name, value) pairs) for its compiles only.
-    One jitted function per combination, so contenders that differ only in the batch count share
-    a compile; without options it is the engine's own function."""
-    jitted = {"fori": train.train_batches, "unrolled": train.train_batches,
-              "scan": scan_batches}[loop]
+    """The engine's train call, `train.train_batches` ("fori"; its `CallShape` says whether it
+    loops or unrolls) or `scan_batches` ("scan"), jitted with XLA `compiler_options` ((name,
+    value) pairs) for its compiles only. One jitted function per combination, so contenders that
+    differ only in the batch count share a compile; without options it is the engine's own
+    function."""
+    jitted = {"fori": train.train_batches, "scan": scan_batches}[loop]
     if not compiler_options:
         return jitted
     static = ("size", "count") if loop == "scan" else ("shape",)
@@ -308,7 +309,7 @@ def jax_engine_calls(batch: int, steps: int, steps_per_call: int | None = None, 
     state = distributed.put_replicated(state, mesh)
     record = distributed.put_replicated(train.new_epoch_record(
         state.rng, np.int32(0), data.num_train, data.num_train_batches), mesh)
-    call = train_call(loop, compiler_options)
+    call = train_call("scan" if loop == "scan" else "fori", compiler_options)
     if loop == "scan":
         static = dict(size=batch, count=steps_per_call)
     else:
