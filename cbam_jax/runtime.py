@@ -40,10 +40,12 @@ def configure_cpu(n: int) -> bool:
 
     Several devices split each batch; each runs its shard on its own threads, which keeps more
     cores busy than one device when an op runs single-threaded (docs/benchmarks.md). Freed
-    memory is kept for reuse (`keep_freed_memory`).
+    memory is kept for reuse (`keep_freed_memory`), and XLA orders each executable to need
+    little of it (`MEMORY_SCHEDULER`).
     """
     keep_freed_memory()
     _add_xla_flag(EIGEN_CONVOLUTIONS)
+    _add_xla_flag(MEMORY_SCHEDULER)
     if cpu_devices_chosen_by_user():
         return False
     try:
@@ -60,6 +62,14 @@ def configure_cpu(n: int) -> bool:
 # the '-' form removes only convolutions from the default list of YNNPACK fusions, keeping its
 # dots and reductions, which are faster (measured in docs/benchmarks.md).
 EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+# XLA:CPU's default schedule (breadth-first, "concurrency optimized") keeps more temporaries
+# alive at once so that independent ops may overlap; the depth-first one needs less. With one
+# device per core the overlap buys little, and the memory costs time: an execution's
+# temporaries are one malloc, and one larger than glibc's thread heap (THREAD_HEAP_BYTES) is
+# mapped and faulted in afresh on every call (keep_freed_memory cannot keep it). The train step
+# at batch 256 (128 images per device) needs 80 MB breadth-first, 65 MB depth-first, and ran
+# 1.2-1.3x faster (docs/benchmarks.md, "Seventh session").
+MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 # XLA:CPU aborts the process when one device reaches an all-reduce more than 40 s before the
 # others. On an overloaded host (seen here at load average 11-13, two devices on two cores) a
 # device can lag that long without anything being wrong, and the run died mid-epoch; wait up
@@ -74,6 +84,9 @@ def _add_xla_flag(flag: str) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
 
 
+# glibc's largest heap for a thread other than the main one (HEAP_MAX_SIZE on 64-bit): a block
+# that does not fit gets an mmap of its own, unmapped again when freed.
+THREAD_HEAP_BYTES = 64 << 20
 # glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets (C ints).
 M_TOP_PAD, M_MMAP_THRESHOLD = -2, -3
 KEPT_MEMORY = {
@@ -94,15 +107,18 @@ def keep_freed_memory() -> bool:
     its peak allocation until it exits.
 
     Why: XLA:CPU allocates each execution's temporaries as one block on a thread of its own
-    (22 MB for a train step at batch 64 on each of 2 devices, 76 MB at batch 256) and frees
-    it at the end. By default glibc serves a block of 32 MB or more, and one that overflows the
-    thread's 64 MB heap, with a fresh mmap each time, and unmaps a thread heap that empties:
-    then every execution maps its temporaries again and the kernel zeroes them page by page.
-    Whether a process falls into that at batch 64 depends on the order of its first
-    allocations; on the project's 2-core VM those processes ran 10-20% slower, with 2-4x the
-    page faults (docs/benchmarks.md). A block larger than a thread heap (76 MB) still gets an
-    mmap of its own. A process whose environment sets any of MALLOC_ENVIRONMENT keeps its own
-    choice; elsewhere than glibc this does nothing.
+    (for a train step on each of 2 devices, with XLA's default schedule: 22 MB at batch 64 and
+    80 MB at batch 256; with `MEMORY_SCHEDULER`, 65 MB at 256) and frees it at the end. By default
+    glibc serves a block of 32 MB or more, and one that overflows the thread's 64 MB heap, with
+    a fresh mmap each time, and unmaps a thread heap that empties: then every execution maps
+    its temporaries again and the kernel zeroes them page by page. Whether a process falls
+    into that at batch 64 depends on the order of its first allocations; on the project's
+    2-core VM those processes ran 10-20% slower, with 2-4x the page faults
+    (docs/benchmarks.md). A block larger than a thread heap (THREAD_HEAP_BYTES) still gets an
+    mmap of its own: `MEMORY_SCHEDULER` and the engine's steps per call
+    (`train.default_steps_per_call`) keep the train step's temporaries below it. A process
+    whose environment sets any of MALLOC_ENVIRONMENT keeps its own choice; elsewhere than
+    glibc this does nothing.
     """
     if any(name in os.environ for name in MALLOC_ENVIRONMENT):
         return False

@@ -12,7 +12,8 @@ A call trains `steps_per_call` batches. On GPU/TPU, where dispatch overhead domi
 in one rolled `fori_loop`. On XLA:CPU a rolled loop makes the backward convs fall off the fast
 kernels (jax-ml/jax#12868), so a call there runs its steps unrolled, one after another in the
 compiled code: 2 per call, which saves each call's fixed costs (its launch on every device, and
-its temporaries, which glibc maps afresh at batch 256) without a rolled loop.
+the allocation of its temporaries) without a rolled loop; 1 per call where a device's share of
+the batch is large enough that 2 steps' temporaries would outgrow glibc's thread heap.
 """
 import dataclasses
 import functools
@@ -41,10 +42,16 @@ from cbam_jax.schedule import PlateauState, tutorial_plateau
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the names of recipe.DTYPES
 DEVICE_STEPS_PER_CALL = 50  # in a rolled loop (GPU/TPU)
-# Unrolled on XLA:CPU; measured against 1 step per call, 2 devices (docs/benchmarks.md):
-# 1.05x at batch 64 and 1.10x at 256. 3 and 4 gained little more (1.03x at 64; 1.12x and 1.14x
-# at 256), and each count that the epoch plan needs is one more compiled shape.
+# Unrolled on XLA:CPU; measured against 1 step per call, 2 devices, batch 64 (docs/benchmarks.md):
+# 1.05x, with XLA's default schedule and with runtime.MEMORY_SCHEDULER. 3 and 4 gained little
+# more (1.03x), and each count that the epoch plan needs is one more compiled shape.
 CPU_STEPS_PER_CALL = 2
+# ...while each device takes at most this many images per step. A call's temporaries are one
+# block per device, and past glibc's thread heap (runtime.THREAD_HEAP_BYTES, 64 MiB) it is
+# mapped and faulted in afresh on every call. With runtime.MEMORY_SCHEDULER, CBAMCNN's call on
+# 64 images per device needs 43 MB for 2 steps; on 128, 73 MB for 2 steps and 67 MB for 1
+# (tests/test_runtime.py), and 2 per call ran 0.91x 1 per call there.
+CPU_UNROLL_MAX_IMAGES_PER_DEVICE = 64
 # Independent PRNG streams folded from the run's key: per-step (augmentation, dropout) keys
 # are folded with the global step, shuffles with the epoch, so the two never collide.
 _STEP_STREAM, _SHUFFLE_STREAM = 0, 1
@@ -60,8 +67,17 @@ def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
                                                 eps=1e-8)
 
 
-def default_steps_per_call() -> int:
-    return CPU_STEPS_PER_CALL if jax.default_backend() == "cpu" else DEVICE_STEPS_PER_CALL
+def default_steps_per_call(images_per_device: int) -> int:
+    """Steps per compiled train call when the config leaves it open (`steps_per_call` None), for
+    a batch that puts `images_per_device` images on each device."""
+    if jax.default_backend() != "cpu":
+        return DEVICE_STEPS_PER_CALL
+    return CPU_STEPS_PER_CALL if images_per_device <= CPU_UNROLL_MAX_IMAGES_PER_DEVICE else 1
+
+
+def steps_per_call(config: TrainConfig, data: DeviceData) -> int:
+    """The config's steps per train call, else the default for this backend and batch."""
+    return config.steps_per_call or default_steps_per_call(data.images_per_device)
 
 
 def rolled_loops() -> bool:
@@ -365,12 +381,12 @@ def train_epoch(state: TrainState, data: DeviceData, epoch: int, config: TrainCo
     and at the end; each read checks for a non-finite loss (NonFiniteLossError names the step).
     """
     num_batches = data.num_train_batches
-    steps_per_call = config.steps_per_call or default_steps_per_call()
+    per_call = steps_per_call(config, data)
     record = new_epoch_record(state.rng, np.int32(epoch), data.num_train, num_batches)
     if data.batch_sharding is not None:  # where the step returns it, so that no call recompiles
         record = distributed.put_replicated(record, data.batch_sharding.mesh)
     read_until = 0
-    for call in epoch_plan(data.num_train, data.batch_size, steps_per_call, config.hist_every,
+    for call in epoch_plan(data.num_train, data.batch_size, per_call, config.hist_every,
                            rolled_loops()):
         state, record, grads = train_batches(state, record, data, np.int32(call.first),
                                              np.int32(call.count), shape=call.shape)
@@ -489,7 +505,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
         if start_epoch == 0:
             book.hyperparameters({
                 **dataclasses.asdict(config), "dataset": dataset.name,
-                "steps_per_call": config.steps_per_call or default_steps_per_call(),
+                "steps_per_call": steps_per_call(config, data),
                 "device": str(jax.devices()[0]), "devices": mesh.size,
                 "processes": jax.process_count(), "scheduler": repr(tutorial_plateau())})
     try:

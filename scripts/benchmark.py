@@ -297,12 +297,12 @@ def jax_engine_calls(batch: int, steps: int, steps_per_call: int | None = None, 
     `train.default_steps_per_call`): in a rolled loop ("fori", the GPU/TPU way; or "scan") or
     unrolled ("unrolled", the CPU way; default: the engine's for this backend). Compiles on its
     first run."""
-    steps_per_call = steps_per_call or train.default_steps_per_call()
+    data = place_data(synthetic_dataset(batch * steps, batch), mesh, batch)
+    steps_per_call = steps_per_call or train.default_steps_per_call(data.images_per_device)
     loop = loop or ("fori" if train.rolled_loops() else "unrolled")
     if steps % steps_per_call:
         raise ValueError(f"steps ({steps}) must be a multiple of steps_per_call "
                          f"({steps_per_call})")
-    data = place_data(synthetic_dataset(batch * steps, batch), mesh, batch)
     state = _jax_state(dtype)
     if not custom_gradients:
         state = state.replace(apply_fn=without_custom_gradients(state.apply_fn))
@@ -689,10 +689,11 @@ def make_plan(quick: bool = False, reps: int | None = None, full_epoch: bool = F
 
 def section_step(plan: Plan, mesh) -> dict:
     out = {}
-    # The engine's row calls it as it trains on CPU (2 unrolled steps per call); on GPU/TPU one
-    # step per call (gpu_check times the rolled loops). "jax step" is one bare step per call.
-    per_call = 1 if train.rolled_loops() else train.default_steps_per_call()
+    # The engine's row calls it as it trains on CPU (2 unrolled steps per call up to 64 images
+    # per device, else 1); on GPU/TPU one step per call (gpu_check times the rolled loops).
+    # "jax step" is one bare step per call.
     for batch in plan.step_batches:
+        per_call = 1 if train.rolled_loops() else train.default_steps_per_call(batch // mesh.size)
         contenders = {"torch eager": torch_train_step(batch, plan.step_calls),
                       "jax step": jax_train_step(batch, plan.step_calls, mesh),
                       "jax engine step (+ augment)": jax_engine_calls(

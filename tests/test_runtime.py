@@ -1,5 +1,5 @@
 """cbam_jax.runtime: what a process sets before JAX starts. Each check runs in a fresh Python
-process, since the settings are the process's own. Budget: a few seconds."""
+process, since the settings are the process's own. Budget: about a minute."""
 import os
 import subprocess
 import sys
@@ -53,3 +53,56 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
 def test_the_environments_own_malloc_settings_are_kept():
     kept, _ = _run(FAULTS, "keep", MALLOC_TRIM_THRESHOLD_="131072")
     assert kept == "False"
+
+
+# With the flags `configure_cpu` sets (2 devices), compiles CBAMCNN's train call (train_batches)
+# for each BATCHxSTEPS argument and prints the bytes of its temporaries per device.
+TEMPORARIES = """
+import sys
+import jax, numpy as np
+from cbam_jax import runtime
+runtime.configure_cpu(2)
+from cbam_jax import distributed, train
+from cbam_jax.data import Dataset
+from cbam_jax.loader import place_data
+mesh = distributed.make_mesh()
+model, tx = train.build("float32")
+state = train.create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
+state = distributed.put_replicated(state, mesh)
+for arg in sys.argv[1:]:
+    batch, steps = map(int, arg.split("x"))
+    images = np.zeros((batch, 32, 32, 3), np.uint8)
+    labels = np.zeros(batch, np.int32)
+    data = place_data(Dataset("zeros", "zeros", images, labels, images, labels,
+                              tuple("0123456789")), mesh, batch)
+    record = distributed.put_replicated(
+        train.new_epoch_record(state.rng, np.int32(0), batch, 1), mesh)
+    call = train.train_batches.lower(state, record, data, np.int32(0), np.int32(steps),
+                                     shape=train.call_shape(batch, steps, rolled=False))
+    print(call.compile().memory_analysis().temp_size_in_bytes)
+"""
+
+
+def test_the_train_calls_temporaries_fit_a_thread_heap():
+    """Past runtime.THREAD_HEAP_BYTES a call's temporaries are mapped and faulted in afresh on
+    every call (see keep_freed_memory). With configure_cpu's MEMORY_SCHEDULER, the engine's
+    default calls on 2 devices fit: 2 steps on 64 images per device, 1 step on 128
+    (train.default_steps_per_call). The controls: 2 steps on 128 images per device do not fit
+    (why the engine then takes 1), nor does 1 step under XLA's default schedule (why
+    configure_cpu sets the flag; a flag the environment sets is kept). Budget: about a minute."""
+    from cbam_jax.runtime import THREAD_HEAP_BYTES as heap
+    small_two, large_one, large_two = map(int, _run(TEMPORARIES, "128x2", "256x1", "256x2"))
+    [default_schedule] = map(int, _run(
+        TEMPORARIES, "256x1",
+        XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=true"))
+    assert small_two < heap and large_one < heap
+    assert large_two > heap and default_schedule > heap
+
+
+def test_steps_per_call_follow_a_devices_share_of_the_batch():
+    """On CPU (these tests' backend): 2 unrolled steps per call up to 64 images per device."""
+    import jax
+
+    from cbam_jax import train
+    assert jax.default_backend() == "cpu"
+    assert [train.default_steps_per_call(n) for n in (8, 32, 64, 65, 128)] == [2, 2, 2, 1, 1]

@@ -280,10 +280,10 @@ def test_the_epoch_loop_reads_whenever_its_observer_asks(digits):
     state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
     observer = _AlwaysDue()
     config = dataclasses.replace(CONFIG, log_every=1000)
-    train.train_epoch(state, place_data(digits, make_mesh(), batch_size=32), 0, config,
-                      observer)
+    data = place_data(digits, make_mesh(), batch_size=32)
+    train.train_epoch(state, data, 0, config, observer)
     # After every call: on CPU each call trains 2 batches (the last, a partial batch, alone).
-    plan = epoch_plan(len(digits.train_labels), 32, train.default_steps_per_call(),
+    plan = epoch_plan(len(digits.train_labels), 32, train.steps_per_call(config, data),
                       config.hist_every, train.rolled_loops())
     assert observer.reads == [call.first + call.count for call in plan]
     assert observer.reads[-1] == DIGITS_BATCHES and len(plan) < DIGITS_BATCHES
@@ -335,8 +335,9 @@ def test_training_compiles_the_train_step_once_per_call_shape(tmp_path):
         fit(config, small, tmp_path / "run", log=quiet, progress_stream=open("/dev/null", "w"))
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    shapes = {call.shape for call in epoch_plan(n, 40, train.default_steps_per_call(),
-                                                config.hist_every, train.rolled_loops())}
+    per_call = train.default_steps_per_call(40 // make_mesh().size)
+    shapes = {call.shape for call in epoch_plan(n, 40, per_call, config.hist_every,
+                                                train.rolled_loops())}
     assert shapes == {CallShape(40, False, False, unrolled=2), CallShape(40, False, True),
                       CallShape(40, False, False), CallShape(8, False, False)}
     assert compiled.count("jit(train_batches)") == len(shapes), compiled
