@@ -79,8 +79,8 @@ class TrainConfig:
                          "statistics stay float32")
     steps_per_call: int | None = setting(
         None, POSITIVE_INT, "training steps per compiled call (default: 2 on CPU, unrolled, "
-        "since a rolled loop is slow there; 50 on GPU/TPU, in a rolled loop, to amortise "
-        "dispatch)", optional=True)
+        "since a rolled loop is slow there, or 1 above 64 images per device; 50 on GPU/TPU, "
+        "in a rolled loop, to amortise dispatch)", optional=True)
     log_every: int = setting(100, POSITIVE_INT,
                              "batches between Train/Batch_* scalars and progress updates")
     hist_every: int = setting(500, POSITIVE_INT,
