@@ -31,7 +31,10 @@ print(kept, faults[0])
 
 
 def _run(script, *args, **environment):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))}
+    """Runs `script` in a fresh process, without the malloc settings or the CPU device count of
+    this process's environment, plus `environment`; returns its output's words."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MALLOC_", "GLIBC_")) and k != "JAX_NUM_CPU_DEVICES"}
     env.update(environment)
     out = subprocess.run([sys.executable, "-c", script, *args], env=env, check=True,
                          capture_output=True, text=True).stdout.split()
@@ -66,6 +69,7 @@ from cbam_jax import distributed, train
 from cbam_jax.data import Dataset
 from cbam_jax.loader import place_data
 mesh = distributed.make_mesh()
+assert mesh.size == 2, mesh
 model, tx = train.build("float32")
 state = train.create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
 state = distributed.put_replicated(state, mesh)
@@ -91,7 +95,8 @@ def test_the_train_calls_temporaries_fit_a_thread_heap():
     (why the engine then takes 1), nor does 1 step under XLA's default schedule (why
     configure_cpu sets the flag; a flag the environment sets is kept). Budget: about a minute."""
     from cbam_jax.runtime import THREAD_HEAP_BYTES as heap
-    small_two, large_one, large_two = map(int, _run(TEMPORARIES, "128x2", "256x1", "256x2"))
+    small_two, large_one, large_two = map(int, _run(TEMPORARIES, "128x2", "256x1", "256x2",
+                                                     XLA_FLAGS=""))
     [default_schedule] = map(int, _run(
         TEMPORARIES, "256x1",
         XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=true"))
