@@ -689,11 +689,11 @@ def make_plan(quick: bool = False, reps: int | None = None, full_epoch: bool = F
 
 def section_step(plan: Plan, mesh) -> dict:
     out = {}
-    # The engine's row calls it as it trains on CPU (2 unrolled steps per call up to 64 images
-    # per device, else 1); on GPU/TPU one step per call (gpu_check times the rolled loops).
-    # "jax step" is one bare step per call.
+    # The engine's row calls it as it trains on CPU (its default steps per call: 2 unrolled up
+    # to 64 images per device, else 1); on GPU/TPU one step per call (gpu_check times the
+    # rolled loops). "jax step" is one bare step per call.
+    per_call = 1 if train.rolled_loops() else None
     for batch in plan.step_batches:
-        per_call = 1 if train.rolled_loops() else train.default_steps_per_call(batch // mesh.size)
         contenders = {"torch eager": torch_train_step(batch, plan.step_calls),
                       "jax step": jax_train_step(batch, plan.step_calls, mesh),
                       "jax engine step (+ augment)": jax_engine_calls(
