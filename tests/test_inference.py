@@ -37,12 +37,10 @@ def run_script(name, *args, **kwargs):
 
 
 def load_script(name):
-    import importlib.util
+    """The command's module (`cbam_jax.cli.<name>`), which `scripts/<name>` runs."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), SCRIPTS / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"cbam_jax.cli.{name.removesuffix('.py')}")
 
 
 @pytest.fixture(scope="module")

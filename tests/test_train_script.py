@@ -4,7 +4,7 @@ Runtime: about 30 s on 2 cores (one epoch on digits in-process, reusing the comp
 tests/test_train.py when both run in one session; --help in a subprocess).
 """
 import dataclasses
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -19,10 +19,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command's module, which scripts/train.py runs."""
+    return importlib.import_module("cbam_jax.cli.train")
 
 
 def test_help_explains_every_flag():

@@ -1,0 +1,135 @@
+"""Classify your own images, see where CBAM looks: `python scripts/predict.py CHECKPOINT IMAGE...`
+
+IMAGE is a PNG or JPEG file, or a folder (its *.png, *.jpg, *.jpeg files). Each image is turned
+upright by its EXIF orientation, converted to RGB and resized to 32x32 with Pillow's bilinear
+filter (antialiased when shrinking), ignoring its aspect ratio; then normalised as the
+tutorial's test transform (ToTensor + Normalize with CIFAR-10's mean and std). The script prints
+each image's top-k classes with their probabilities and writes one figure per image into
+--out-dir: the 32x32 input, and each CBAM block's spatial attention gate upsampled bilinearly
+and laid over it.
+
+Images go through one jit-compiled eval-mode step, --batch-size at a time. A file that cannot
+be read, or a folder without images, is reported and the others still run; the exit status is
+1 if any input failed, else 0.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from cbam_jax import recipe
+from cbam_jax.recipe import POSITIVE_INT
+
+RESIZE_NOTE = ("each image is resized to 32x32 with Pillow's bilinear filter (antialiased when "
+               "shrinking, aspect ratio not kept), then normalised as the tutorial's test "
+               "transform")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Top-k classes and CBAM spatial attention maps of PNG/JPEG images, from a "
+                    f"trained checkpoint; {RESIZE_NOTE}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    recipe.add_checkpoint_flags(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="PNG or JPEG files, or folders of them (*.png, *.jpg, *.jpeg)")
+    p.add_argument("--top-k", type=POSITIVE_INT.parse, default=3,
+                   help="how many classes to print per image, most probable first")
+    p.add_argument("--batch-size", type=POSITIVE_INT.parse, default=64,
+                   help="images per compiled step (changes the speed, not the answers)")
+    p.add_argument("--out-dir", default="predictions", help="where the figures go")
+    p.add_argument("--no-figures", action="store_true",
+                   help="print the classes only: the figures (matplotlib) are the slow part")
+    return p.parse_args(argv)
+
+
+def image_files(arguments) -> tuple[list[Path], list[str]]:
+    """(files to read, errors): each folder's images in name order, each file as given."""
+    from cbam_jax.inference import IMAGE_SUFFIXES
+
+    files, errors = [], []
+    for argument in map(Path, arguments):
+        if argument.is_dir():
+            found = sorted(p for p in argument.iterdir()
+                           if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                errors.append(f"{argument}: a folder with no {', '.join(IMAGE_SUFFIXES)} files")
+            files.extend(found)
+        elif argument.exists():
+            files.append(argument)
+        else:
+            errors.append(f"{argument}: no such file or folder")
+    return files, errors
+
+
+def figure_names(files: list[Path]) -> list[str]:
+    """One figure name per image, `<name>_attention.png`, numbered where names repeat."""
+    names, seen = [], {}
+    for path in files:
+        stem = f"{path.stem}{path.suffix.replace('.', '_')}_attention"
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}.png")
+    return names
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from cbam_jax import runtime
+
+    runtime.configure_cpu(1)  # before JAX starts: XLA:CPU's fast convolutions, one device
+    import numpy as np
+
+    from cbam_jax.inference import load_image, predict
+    from cbam_jax.logbook import plot_prediction
+    try:  # parity (with torch) also reads a tutorial .pth
+        from parity import load_checkpoint
+    except ImportError:
+        from cbam_jax.inference import load_checkpoint
+
+    try:
+        trained = load_checkpoint(args.checkpoint, which=args.which, dataset=args.dataset)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    names = trained.class_names
+    if args.top_k > len(names):
+        print(f"error: --top-k: expected at most {len(names)} (the classes of "
+              f"{trained.dataset}), got {args.top_k}", file=sys.stderr)
+        return 1
+
+    files, errors = image_files(args.images)
+    images, readable = [], []
+    for file in files:
+        try:
+            images.append(load_image(file))
+            readable.append(file)
+        except ValueError as e:
+            errors.append(str(e))
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if not readable:
+        print("error: no image could be read", file=sys.stderr)
+        return 1
+
+    images = np.stack(images)
+    result = predict(trained.state, images, top_k=args.top_k, batch_size=args.batch_size,
+                     attention=not args.no_figures)
+    out_dir = Path(args.out_dir)
+    if not args.no_figures:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for i, (file, figure) in enumerate(zip(readable, figure_names(readable))):
+        top = [(names[c], float(p)) for c, p in zip(result.classes[i], result.probabilities[i])]
+        print(f"{file}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
+        if not args.no_figures:
+            caption = "\n".join(f"{name}: {p:.1%}" for name, p in top[:3])
+            plot_prediction(images[i], [gate[i] for gate in result.attention], caption,
+                            out_dir / figure)
+    if not args.no_figures:
+        print(f"{len(readable)} figure(s) in {out_dir}")
+    if errors:
+        print(f"{len(errors)} input(s) failed, {len(readable)} image(s) predicted",
+              file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
