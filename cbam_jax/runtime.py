@@ -33,19 +33,31 @@ def cpu_devices_chosen_by_user() -> bool:
             or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""))
 
 
-def configure_cpu(n: int) -> bool:
-    """Make a CPU host show `n` devices, and set XLA:CPU's flags (below). Must run before JAX
-    initialises its backends; returns False, changing no device count, if it is too late or if
-    the environment already chose one (cpu_devices_chosen_by_user).
+# The XLA:CPU and allocator settings `configure_cpu` makes, by name. Each earned its place in a
+# benchmark of this recipe (docs/benchmarks.md, "Design decisions");
+# `scripts/benchmark.py --ablate NAME` measures one against its absence in alternating processes.
+CPU_TUNINGS = ("eigen_convolutions", "memory_scheduler", "keep_freed_memory")
+
+
+def configure_cpu(n: int, *, without: tuple[str, ...] = ()) -> bool:
+    """Make a CPU host show `n` devices, and make the settings of CPU_TUNINGS but those named in
+    `without` (below). Must run before JAX initialises its backends; returns False, changing no
+    device count, if it is too late or if the environment already chose one
+    (cpu_devices_chosen_by_user).
 
     Several devices split each batch; each runs its shard on its own threads, which keeps more
-    cores busy than one device when an op runs single-threaded (docs/benchmarks.md). Freed
-    memory is kept for reuse (`keep_freed_memory`), and XLA orders each executable to need
-    little of it (`MEMORY_SCHEDULER`).
+    cores busy than one device when an op runs single-threaded (docs/benchmarks.md).
     """
-    keep_freed_memory()
-    _add_xla_flag(EIGEN_CONVOLUTIONS)
-    _add_xla_flag(MEMORY_SCHEDULER)
+    unknown = set(without) - set(CPU_TUNINGS)
+    if unknown:
+        raise ValueError(f"without: expected names among {', '.join(CPU_TUNINGS)}, got "
+                         f"{', '.join(sorted(unknown))}")
+    if "keep_freed_memory" not in without:
+        keep_freed_memory()
+    if "eigen_convolutions" not in without:
+        _add_xla_flag(EIGEN_CONVOLUTIONS)
+    if "memory_scheduler" not in without:
+        _add_xla_flag(MEMORY_SCHEDULER)
     if cpu_devices_chosen_by_user():
         return False
     try:
