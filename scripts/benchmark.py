@@ -129,7 +129,7 @@ class Timings:
     cpu_seconds: dict = dataclasses.field(default_factory=dict)     # this process, timed reps
     wall_seconds: dict = dataclasses.field(default_factory=dict)    # the same reps, wall clock
     # This process's minor page faults in the timed reps: a process whose allocator maps its
-    # buffers anew each call shows it here (docs/benchmarks.md, "Fifth session").
+    # buffers anew each call shows it here (runtime.keep_freed_memory; docs/benchmarks.md).
     minor_faults: dict = dataclasses.field(default_factory=dict)
     load_average: tuple = ()  # the 1-minute load average before and after
     errors: dict = dataclasses.field(default_factory=dict)  # contenders whose warm-up failed
@@ -864,9 +864,9 @@ def across_processes(argv: list, processes: int, out: Path) -> dict:
     """Run this script with `argv` `processes` times, each in a fresh process writing its own
     report to `<out>/process_<i>/`, and gather every table's ratios per process.
 
-    Why: on the project's 2-core VM `torch.compile`'s eval moved by up to 1.6x from one process
-    to the next, with the same code and input (docs/benchmarks.md), so the ratios of one run
-    are one draw from that spread; their median over processes is a steadier figure.
+    Why: on a 2-core CPU `torch.compile`'s eval moved by up to 1.6x from one process to the
+    next, with the same code and input (docs/benchmarks.md), so the ratios of one run are one
+    draw from that spread; their median over processes is a steadier figure.
     """
     runs = []
     for i in range(processes):
