@@ -314,6 +314,56 @@ def test_bilevel_cmyk_and_grey_images_become_rgb(tmp_path):
     assert inference.load_image(tmp_path / "grey.png")[0, 0].tolist() == [77] * 3
 
 
+# --- the commands' odd inputs: each one error line -------------------------------------------
+
+def _one_error_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_an_output_folder_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    taken = tmp_path / "taken.png"
+    taken.write_text("a file")
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32)).save(image)
+    cases = [("predict.py", [str(tmp_path), str(image), "--out-dir", str(taken)],
+              f"--out-dir {taken}: a file, not a folder"),
+             ("predict.py", [str(tmp_path), str(image), "--out-dir", str(taken / "figures")],
+              f"--out-dir {taken / 'figures'}: {taken} is a file, not a folder"),
+             ("evaluate.py", [str(tmp_path), "--out-dir", str(taken)],
+              f"--out-dir {taken}: a file, not a folder"),
+             ("export.py", [str(tmp_path), "--out", str(tmp_path)],
+              f"--out {tmp_path}: a folder; expected the name of the file to write"),
+             ("export.py", [str(tmp_path), "--out", str(taken / "model.stablehlo")],
+              f"--out {taken / 'model.stablehlo'}: {taken} is a file, not a folder")]
+    for script, argv, says in cases:
+        assert load_script(script).main(argv) == 1, script
+        assert _one_error_line(capsys.readouterr().err) == f"error: {says}", script
+    assert taken.read_text() == "a file"
+
+
+@pytest.mark.parametrize("script", ["predict.py", "evaluate.py", "export.py"])
+def test_a_malicious_pth_is_one_error_line_and_never_runs(script, tmp_path, capsys):
+    class CreatesAFile:
+        def __reduce__(self):
+            return open, (str(tmp_path / "ran"), "w")
+
+    import torch
+
+    pth = tmp_path / "model.pth"
+    torch.save({"conv1.weight": CreatesAFile()}, pth)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32)).save(image)
+    argv = [str(pth)] + {"predict.py": [str(image), "--no-figures"],
+                         "evaluate.py": ["--out-dir", str(tmp_path / "out")],
+                         "export.py": []}[script]
+    assert load_script(script).main(argv) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {pth}: holds pickled Python objects besides tensors")
+    assert "weights_only=False" not in line and not (tmp_path / "ran").exists()
+
+
 # --- export ----------------------------------------------------------------------------------
 
 # Runs the artifact with JAX alone: importing cbam_jax in this process fails.
@@ -329,10 +379,13 @@ print(exported.in_avals[0], "->", exported.out_avals[0])
 
 
 def test_stablehlo_runs_without_the_project_and_agrees_with_jax(run_dir, trained, digits,
-                                                                 tmp_path):
-    artifact = tmp_path / "model.stablehlo"
+                                                                 tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     script = load_script("export.py")
-    assert script.main([str(run_dir), "--out", str(artifact)]) == 0
+    assert script.main([str(run_dir)]) == 0
+    artifact = run_dir / "cbam_cnn_digits.stablehlo"  # by default, in the run directory
+    assert artifact.is_file() and not list(tmp_path.iterdir())  # nothing in the current one
+    assert not list(run_dir.glob("*.tmp.*"))
     inputs = {"one": np.asarray(normalize(digits.test_images[:1])),
               "seven": np.asarray(normalize(digits.test_images[1:8]))}
     np.savez(tmp_path / "inputs.npz", **inputs)
