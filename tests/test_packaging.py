@@ -56,8 +56,11 @@ def test_help_shows_each_default_once(command, capsys):
 # --- a missing extra: one line naming it -----------------------------------------------------
 
 def _hide(monkeypatch, *modules):
-    """As if these modules were not installed: find_spec finds nothing, import raises."""
+    """As if these packages were not installed: find_spec finds nothing, import raises (their
+    submodules that other tests imported too)."""
     for module in modules:
+        for name in [m for m in sys.modules if m == module or m.startswith(f"{module}.")]:
+            monkeypatch.setitem(sys.modules, name, None)
         monkeypatch.setitem(sys.modules, module, None)
 
 
