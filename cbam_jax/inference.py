@@ -151,16 +151,17 @@ def load_image(path) -> np.ndarray:
     """An image file as the model's input, uint8 [32, 32, 3], as it is prepared for prediction.
 
     Pillow reads it (PNG, JPEG, ...), turns it upright by its EXIF orientation, converts it to
-    RGB (grey is copied to three channels, alpha is dropped) and resizes it to 32x32 with its
-    bilinear filter, ignoring the aspect ratio; shrinking, that filter is antialiased (each
-    pixel averages its whole footprint). The test transform (`normalize`) is applied later, as
-    for the data sets' images. ValueError names a file that is not a readable image.
+    8-bit RGB (`_to_rgb`: grey is copied to three channels, 16-bit values are scaled to 8 bits,
+    transparent pixels are laid over white) and resizes it to 32x32 with its bilinear filter,
+    ignoring the aspect ratio; shrinking, that filter is antialiased (each pixel averages its
+    whole footprint). The test transform (`normalize`) is applied later, as for the data sets'
+    images. ValueError names a file that is not a readable image.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError  # the train extra (matplotlib's)
 
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            image = _to_rgb(ImageOps.exif_transpose(image), path)
             size = (IMAGE_SHAPE[1], IMAGE_SHAPE[0])  # Pillow's (width, height)
             return np.asarray(image.resize(size, Image.Resampling.BILINEAR), np.uint8)
     except UnidentifiedImageError:
@@ -168,6 +169,48 @@ def load_image(path) -> np.ndarray:
                          f"JPEG)") from None
     except (OSError, Image.DecompressionBombError) as e:  # missing, unreadable, truncated
         raise ValueError(f"{path}: cannot be read: {e}") from None
+
+
+# Pillow's modes of one integer channel wider than 8 bits: 16-bit grey (PNG, TIFF) and 32-bit
+# integers ('I', which older Pillows and some TIFFs use for 16-bit grey).
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WHITE = (255, 255, 255, 255)
+
+
+def _to_rgb(image, path="image"):
+    """A Pillow image as 8-bit RGB, the way it looks: the input `load_image` resizes.
+
+    Pillow's own `convert("RGB")` clips 16-bit grey to 0..255 (a full-range gradient turns
+    almost white), so 16-bit grey is scaled instead: its high byte, v // 256, as Pillow reads
+    16-bit colour PNGs (so a 16-bit picture gives the same input in grey as in RGB); 32-bit
+    integer grey ('I') is read as 16-bit and refused outside 0..65535. Transparency (an alpha
+    channel, or a palette entry or grey value marked transparent) is laid over white, as a
+    viewer on a white page shows it, instead of revealing whatever colour the transparent
+    pixels hold. Floating-point images ('F') have no fixed range and are refused. ValueError
+    names `path`.
+    """
+    from PIL import Image
+
+    if image.mode in _WIDE_GREY_MODES:
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{path}: a 32-bit integer image with values from {values.min()} "
+                             f"to {values.max()}; expected 8-bit or 16-bit (0..65535) images")
+        grey = Image.fromarray((values >> 8).astype(np.uint8))
+        key = image.info.get("transparency")  # a 16-bit grey PNG's transparent value
+        if isinstance(key, int):
+            grey.putalpha(Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8)))
+        image = grey
+    elif image.mode == "F":
+        raise ValueError(f"{path}: a floating-point image (Pillow mode F) has no fixed range; "
+                         f"expected an 8-bit or 16-bit image")
+    try:
+        if image.has_transparency_data:
+            image = Image.alpha_composite(Image.new("RGBA", image.size, _WHITE),
+                                          image.convert("RGBA"))
+        return image.convert("RGB")
+    except ValueError as e:  # a mode Pillow cannot convert, e.g. premultiplied 'La'
+        raise ValueError(f"{path}: cannot be converted to RGB ({e})") from None
 
 
 # --- the eval-mode forward -------------------------------------------------------------------

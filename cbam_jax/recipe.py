@@ -131,4 +131,4 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
                              "the last epoch")
     parser.add_argument("--dataset", choices=[d for d in DATASETS if d != "auto"], default=None,
                         help="for a .pth outside a run directory: the data set it was trained "
-                             "on (default: cifar10, the tutorial's)")
+                             "on; none given: cifar10, the tutorial's")

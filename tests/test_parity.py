@@ -334,17 +334,19 @@ def test_cli_prints_the_eval_logits_first_and_exports(checkpoints, tmp_path):
 def test_cli_exits_1_on_any_failure(monkeypatch, capsys):
     failing = Report("eval logits ...", [Comparison("eval fc2", 1.0, 1e-7, 1.0, 4e-7)],
                      {}, 0, None)
-    monkeypatch.setattr("parity.__main__.run_report", lambda *a, **k: failing)
-    monkeypatch.setattr("parity.__main__.random_state_dict", lambda seed: None)
-    monkeypatch.setattr("parity.__main__.format_table", lambda report: "FAIL")
+    monkeypatch.setattr("parity.report.run_report", lambda *a, **k: failing)
+    monkeypatch.setattr("parity.report.random_state_dict", lambda seed: None)
+    monkeypatch.setattr("parity.report.format_table", lambda report: "FAIL")
     assert main(["--seed", "0"]) == 1
 
 
-def test_cli_rejects_a_checkpoint_of_another_model(tmp_path):
+def test_cli_rejects_a_checkpoint_of_another_model_in_one_line(tmp_path, capsys):
     pth = tmp_path / "other.pth"
     torch.save({"weight": torch.zeros(3)}, pth)
-    with pytest.raises(ValueError, match="missing keys: conv1.weight"):
-        main(["--pth", str(pth)])
+    assert main(["--pth", str(pth)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --pth: {pth}: state_dict does not match")
+    assert "missing keys: conv1.weight" in err and err.count("\n") == 1
 
 
 def test_cli_rejects_a_batch_of_one(capsys):

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from cbam_jax import recipe
+from cbam_jax.cli import check_out_dir, checkpoint_modules, command, require
 from cbam_jax.recipe import POSITIVE_INT
 
 
@@ -38,8 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.out_dir is not None:
+        check_out_dir(args.out_dir, "--out-dir")
+    require(*checkpoint_modules(args.checkpoint), "sklearn", "matplotlib")
     from cbam_jax import runtime
     from cbam_jax.inference import read_run_record
 

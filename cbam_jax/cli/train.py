@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from cbam_jax import recipe  # the standard library only: --help and bad flags answer at once
+from cbam_jax.cli import TRAIN_MODULES, command, require
 from cbam_jax.recipe import DEFAULT_RUN_DIR, NON_NEGATIVE_INT, POSITIVE_INT
 
 
@@ -80,9 +81,11 @@ def run_dir_of(args) -> Path | None:
     return Path(args.run_dir) if args.run_dir else next_run_dir(DEFAULT_RUN_DIR)
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = recipe.config_from_args(args)
+    require(*TRAIN_MODULES)  # before any work: a missing one names the extra in one line
     # Before JAX's first computation: CPU devices (one per core) and the compilation cache.
     from cbam_jax import runtime
 
