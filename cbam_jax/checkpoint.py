@@ -326,28 +326,32 @@ class Checkpoints:
 
     def save(self, epoch: int, state, meta: dict, is_best: bool):
         """best/ first, then latest/: a kill between the two leaves best/ holding the epoch,
-        which a resume takes (the newest epoch first). A failed write raises an OSError naming
-        the step; the partial step is removed and the committed ones are left as they were."""
+        which a resume takes (the newest epoch first), writing latest/ again. A failed write
+        raises an OSError naming the step; the partial step is removed and the committed ones
+        are left as they were."""
+        for name in ("best", "latest") if is_best else ("latest",):
+            self._save(name, epoch, state, meta)
+
+    def _save(self, name: str, epoch: int, state, meta: dict) -> None:
+        step_dir = self.directory / name / str(epoch)
+
+        def failure(error):
+            if jax.process_index() == 0:  # free the space the partial step took
+                for partial in step_dir.parent.glob(f"{step_dir.name}.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            return _storage_failure(error, step_dir)
+
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   meta=ocp.args.JsonSave(meta))
-        for name in ("best", "latest") if is_best else ("latest",):
-            step_dir = self.directory / name / str(epoch)
-
-            def failure(error, step_dir=step_dir):
-                if jax.process_index() == 0:  # free the space the partial step took
-                    for partial in step_dir.parent.glob(f"{step_dir.name}.orbax-checkpoint-tmp*"):
-                        shutil.rmtree(partial, ignore_errors=True)
-                return _storage_failure(error, step_dir)
-
-            # force: a step of this number can only be one a resumed run is replacing
-            _orbax(lambda: self._orbax().save(step_dir, args=args, force=True,
-                                              custom_metadata=_PROMISE), failure)
-            if jax.process_index() == 0:
-                try:
-                    write_manifest(step_dir)
-                except OSError as e:
-                    raise OSError(e.errno, e.strerror, str(step_dir)) from None
-                self._prune(name, epoch)
+        # force: a step of this number can only be one a resumed run is replacing
+        _orbax(lambda: self._orbax().save(step_dir, args=args, force=True,
+                                          custom_metadata=_PROMISE), failure)
+        if jax.process_index() == 0:
+            try:
+                write_manifest(step_dir)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(step_dir)) from None
+            self._prune(name, epoch)
 
     def _prune(self, name: str, epoch: int) -> None:
         """Keep the newest KEEP[name] committed steps up to `epoch`; remove every other step."""
@@ -381,7 +385,8 @@ class Checkpoints:
         """The state (shaped like `target`) and meta of the newest intact checkpoint, or None if
         none was committed. Newest epoch first, latest/ before best/ at the same epoch; each damaged
         one is skipped with one line through `log`. The steps the resumed run will write again
-        (newer than the one restored, damaged, or never committed) are removed."""
+        (newer than the one restored, damaged, or never committed) are removed; a checkpoint
+        restored from best/ is written to latest/ again, which an uninterrupted run holds."""
         candidates = sorted(((int(p.name), -i, p) for i, name in enumerate(("latest", "best"))
                              for p in _steps(self.directory / name)), reverse=True)
         skipped = []
@@ -396,6 +401,8 @@ class Checkpoints:
             if not verified:
                 log(unverified_note(step_dir))
             self._clear(lambda p: p in skipped or int(p.name) > epoch)
+            if step_dir.parent.name == "best":  # latest/ lost it (a kill, damage): as it was
+                self._save("latest", epoch, state, meta)
             return Restored(state, meta, step_dir)
         if skipped:
             raise DamagedCheckpointError(

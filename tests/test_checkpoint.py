@@ -154,10 +154,14 @@ def test_every_damage_falls_back_latest_then_best_and_none_left_is_an_error(tmp_
     assert "latest/3 is damaged: its file" in lines[0]
     assert "latest/2 is damaged: its file meta/metadata is missing" in lines[1]
     assert len(lines) == 2
+    # latest/ holds the epoch again, as an uninterrupted run's does.
+    assert names(tmp_path) == ["best/2", "latest/2"] and verify(tmp_path / "latest" / "2")
+    assert read_meta(tmp_path / "latest" / "2") == meta(2)
 
-    flip(chunks(tmp_path / "best" / "2")[0])
-    with pytest.raises(DamagedCheckpointError,
-                       match=r"no intact checkpoint to resume from in .* \(damaged: best/2\)"):
+    for step in ("best/2", "latest/2"):
+        flip(chunks(tmp_path / step)[0])
+    with pytest.raises(DamagedCheckpointError, match=r"no intact checkpoint to resume from in "
+                                                     r".* \(damaged: latest/2, best/2\)"):
         checkpoints.resume(state(0.0), log=lines.append)
 
 
