@@ -45,6 +45,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cbam_jax import distributed
 from cbam_jax.recipe import debugging
 
 ITEMS = ("state", "meta")
@@ -95,8 +96,10 @@ def write_manifest(step_dir) -> None:
     """Commit a step orbax has written: the digest of each of its files into SHA256SUMS,
     written to a temporary file, synced and renamed, so it is whole or absent."""
     step_dir = Path(step_dir)
-    lines = "".join(f"{_sha256(step_dir / name, sync=True)}  {name}\n"
-                    for name in _files(step_dir))
+    names = _files(step_dir)
+    lines = "".join(f"{_sha256(step_dir / name, sync=True)}  {name}\n" for name in names)
+    for folder in {(step_dir / name).parent for name in names}:  # the files' names, too
+        _fsync_dir(folder)
     tmp = step_dir / f"{MANIFEST}.tmp"
     with open(tmp, "w") as f:
         f.write(lines)
@@ -104,7 +107,7 @@ def write_manifest(step_dir) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, step_dir / MANIFEST)
     _fsync_dir(step_dir)
-    _fsync_dir(step_dir.parent)  # orbax's rename of the step, and the step itself
+    _fsync_dir(step_dir.parent)  # orbax's rename of the step
 
 
 def _read_manifest(step_dir: Path) -> dict[str, str]:
@@ -284,7 +287,7 @@ def read_meta(step_dir) -> dict:
     path = step_dir / "meta" / "metadata"
     try:
         meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
-    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
         raise DamagedCheckpointError(
             f"checkpoint {step_dir} is damaged: {path.relative_to(step_dir)} is not valid JSON "
             f"({e})") from None
@@ -336,7 +339,7 @@ class Checkpoints:
         step_dir = self.directory / name / str(epoch)
 
         def failure(error):
-            if jax.process_index() == 0:  # free the space the partial step took
+            if distributed.is_primary_process():  # free the space the partial step took
                 for partial in step_dir.parent.glob(f"{step_dir.name}.orbax-checkpoint-tmp*"):
                     shutil.rmtree(partial, ignore_errors=True)
             return _storage_failure(error, step_dir)
@@ -346,11 +349,11 @@ class Checkpoints:
         # force: a step of this number can only be one a resumed run is replacing
         _orbax(lambda: self._orbax().save(step_dir, args=args, force=True,
                                           custom_metadata=_PROMISE), failure)
-        if jax.process_index() == 0:
+        if distributed.is_primary_process():
             try:
                 write_manifest(step_dir)
             except OSError as e:
-                raise OSError(e.errno, e.strerror, str(step_dir)) from None
+                raise OSError(e.errno, e.strerror, str(step_dir)) from e
             self._prune(name, epoch)
 
     def _prune(self, name: str, epoch: int) -> None:
@@ -383,10 +386,11 @@ class Checkpoints:
 
     def resume(self, target, log=print) -> Restored | None:
         """The state (shaped like `target`) and meta of the newest intact checkpoint, or None if
-        none was committed. Newest epoch first, latest/ before best/ at the same epoch; each damaged
-        one is skipped with one line through `log`. The steps the resumed run will write again
-        (newer than the one restored, damaged, or never committed) are removed; a checkpoint
-        restored from best/ is written to latest/ again, which an uninterrupted run holds."""
+        none was committed. Newest epoch first, latest/ before best/ at the same epoch; each
+        damaged one is skipped with one line through `log`. The steps the resumed run will
+        write again (newer than the one restored, damaged, or never committed) are removed; a
+        checkpoint restored from best/ is written to latest/ again, as an uninterrupted run
+        holds it there."""
         candidates = sorted(((int(p.name), -i, p) for i, name in enumerate(("latest", "best"))
                              for p in _steps(self.directory / name)), reverse=True)
         skipped = []
@@ -413,7 +417,7 @@ class Checkpoints:
 
     def _clear(self, stale) -> None:
         """Remove orbax's temporary directories, uncommitted steps and the `stale` ones."""
-        if jax.process_index() != 0:
+        if not distributed.is_primary_process():
             return
         for name in ("latest", "best"):
             directory = self.directory / name

@@ -132,7 +132,7 @@ class Logbook:
         try:
             self._records.write(event.SerializeToString())
         except OSError as e:  # disk full, permission denied
-            raise _naming(e, self.path) from None
+            raise _naming(e, self.path) from e
 
     def _add(self, summary_proto, step: int):
         self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_proto))
@@ -178,7 +178,7 @@ class Logbook:
         try:
             self._records.flush()
         except OSError as e:
-            raise _naming(e, self.path) from None
+            raise _naming(e, self.path) from e
 
     def close(self):
         try:
@@ -279,7 +279,7 @@ def _save_png(fig: Figure, path):
         fig.savefig(tmp, dpi=100, format="png")
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _naming(e, path) from None
+        raise _naming(e, path) from e
     os.replace(tmp, path)
 
 

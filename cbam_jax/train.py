@@ -547,7 +547,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
             log(_epoch_line(result, config.epochs, plateau.lr))
         completed = True
     except OSError as e:  # disk full, permission denied: one error that says what is kept
-        raise StorageError.of(e, _kept(checkpoints)) from None
+        raise StorageError.of(e, _kept(checkpoints)) from e  # the cause, for CBAM_JAX_DEBUG=1
     finally:  # also after a failure or Ctrl-C: the figures of the epochs that finished
         checkpoints.close()  # orbax saves collectively: process 0 writes the replicated state
         try:
@@ -558,7 +558,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
                          [int(x) for x in dataset.test_labels[:len(shown)]])
         except OSError as e:  # after a failure, most likely the same full disk: that one tells
             if completed:
-                raise StorageError.of(e, _kept(checkpoints)) from None
+                raise StorageError.of(e, _kept(checkpoints)) from e
     return FitResult(state, history, run_dir, len(history.test_acc))
 
 

@@ -176,7 +176,7 @@ def export_pth(result, path: Path):
         tmp.write_bytes(data.getvalue())
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"cannot write the model: {e.strerror}", str(path)) from None
+        raise OSError(e.errno, f"cannot write the model: {e.strerror}", str(path)) from e
     os.replace(tmp, path)
     print(f"Model saved as a PyTorch state_dict: {path}")
 
