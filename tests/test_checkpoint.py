@@ -427,3 +427,24 @@ def test_resume_skips_the_damaged_checkpoints_and_ends_as_an_uninterrupted_run(d
                 del record["history"][timing]
             del record["config"]["epochs"]  # the damaged run was started for 2
         assert ours_meta == theirs_meta, name
+    # The logbook resumed from the epoch restored: the damaged epoch's records were dropped
+    # and written again, once, as the uninterrupted run wrote them. (The hyperparameters list
+    # --epochs, which differ.)
+    ours, theirs = events(run_dir), events(root / "whole")
+    for records in (ours, theirs):
+        del records["Hyperparameters/text_summary"]
+    assert ours == theirs and len(ours) == 8 and ours["Test/Epoch_Loss"][-1][0] == 2
+
+
+def events(run_dir: Path) -> dict:
+    """tag -> [(step, value)] over the run's event files, but for wall-clock tags."""
+    from cbam_jax.logbook import event_files, read_events
+
+    records = {}
+    for path in event_files(run_dir):
+        for event in read_events(path, strict=True):
+            for value in event.summary.value:
+                if value.tag not in ("Train/Epoch_Time_s", "Train/Images_per_s"):
+                    records.setdefault(value.tag, []).append(
+                        (event.step, value.SerializeToString(deterministic=True)))
+    return {tag: sorted(steps) for tag, steps in records.items()}
