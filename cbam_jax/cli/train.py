@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     try:
         result = fit(config, dataset, run_dir, checkpoint_dir=args.checkpoint_dir,
                      resume=args.resume is not None, mesh=mesh)
-    # OSError: train.StorageError (a disk full, a permission denied), a run directory that
+    # OSError: train.StorageError (a full disk, a permission denied), a run directory that
     # cannot be created, ...
     except (NonFiniteLossError, ResumeMismatchError, DamagedCheckpointError, OSError) as e:
         return error_exit(e)
