@@ -56,6 +56,8 @@ class TrainedModel:
     epoch: int | None = None    # the epoch that wrote it (None: not recorded, e.g. a .pth)
     devices: int | None = None  # how many devices the run split each batch over (None: unknown)
     recorded: Mapping | None = None  # that epoch's {'test_loss', 'test_acc'}, as the run logged
+    verified: bool | None = None  # checked against its SHA256SUMS (False: a checkpoint from
+    #                               before checkpoints carried digests; None: not a checkpoint)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -97,13 +99,18 @@ def load_checkpoint(path, *, which: str = "best", mesh=None, dtype: str | None =
     the model, its compute dtype (`dtype` overrides it) and its data set (a `dataset` given,
     as for a `.pth` in `parity.load_checkpoint`, must be that one). Only the variables are
     read; they are placed on every device of `mesh`, else on the default device.
+
+    The checkpoint is checked against its digests first (`cbam_jax.checkpoint.verify`): a
+    damaged one, or one whose parameters are not finite, is a DamagedCheckpointError (a
+    ValueError) naming the file; the other of best/latest is never taken silently.
     """
-    from cbam_jax.checkpoint import read_meta, restore_variables, step_directory  # orbax
+    from cbam_jax.checkpoint import read_meta, restore_variables, step_directory, verify  # orbax
 
     if Path(path).suffix == ".pth":
         raise ValueError(f"{path} is a PyTorch state_dict: load it with parity.load_checkpoint, "
                          f"which needs torch (pip install -e '.[parity]')")
     step_dir = step_directory(path, which)
+    verified = verify(step_dir)
     meta = read_meta(step_dir)
     if dataset is not None and dataset != meta["dataset"]:
         raise ValueError(f"{step_dir} was trained on {meta['dataset']}, not {dataset}")
@@ -121,7 +128,8 @@ def load_checkpoint(path, *, which: str = "best", mesh=None, dtype: str | None =
     return TrainedModel(
         InferenceState(model.apply, variables["params"], variables["batch_stats"]), config,
         dataset, step_dir, epoch=meta["epoch"], devices=meta.get("devices"),
-        recorded={"test_loss": history["test_loss"][-1], "test_acc": history["test_acc"][-1]})
+        recorded={"test_loss": history["test_loss"][-1], "test_acc": history["test_acc"][-1]},
+        verified=verified)
 
 
 def model_of(config: TrainConfig, dataset: str, dtype: str | None = None):

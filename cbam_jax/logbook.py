@@ -12,6 +12,7 @@ files to what that checkpoint committed (its epochs and their batches), dropping
 half-written tail of the killed run, so every tag has exactly one record per step.
 Plots use matplotlib's object API (no pyplot, so no interactive backend).
 """
+import contextlib
 import os
 import socket
 import struct
@@ -128,7 +129,10 @@ class Logbook:
         return kept
 
     def _write(self, event: event_pb2.Event):
-        self._records.write(event.SerializeToString())
+        try:
+            self._records.write(event.SerializeToString())
+        except OSError as e:  # disk full, permission denied
+            raise _naming(e, self.path) from e
 
     def _add(self, summary_proto, step: int):
         self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_proto))
@@ -171,11 +175,17 @@ class Logbook:
 
     def flush(self):
         """To disk (fsync): what was written survives a kill or a power cut."""
-        self._records.flush()
+        try:
+            self._records.flush()
+        except OSError as e:
+            raise _naming(e, self.path) from e
 
     def close(self):
-        self._records.flush()
-        self._records.close()
+        try:
+            self.flush()
+        finally:  # closed even if the disk is full (then flush has said so)
+            with contextlib.suppress(OSError):
+                self._records.close()
 
 
 # --- progress --------------------------------------------------------------------------------
@@ -255,12 +265,21 @@ class EpochReporter:
 
 # --- figures ---------------------------------------------------------------------------------
 
+def _naming(error: OSError, path) -> OSError:
+    """The OSError of a failed write (disk full: no file name) naming the file written."""
+    return OSError(error.errno, error.strerror or str(error), str(path))
+
+
 def _save_png(fig: Figure, path):
     """Whole or not at all: the figure goes to a temporary file that then replaces `path`, so a
     kill while drawing leaves no cut-off PNG (a resumed run draws the figures again)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _naming(e, path) from e
     os.replace(tmp, path)
 
 

@@ -7,6 +7,7 @@ imports only the standard library: `python scripts/train.py --help` answers with
 import argparse
 import dataclasses
 import math
+import os
 from typing import Any, Callable
 
 from cbam_jax.registry import MODEL_NAMES
@@ -15,6 +16,14 @@ DATASETS = ("auto", "cifar10", "digits")
 DTYPES = ("float32", "bfloat16")  # compute dtypes; cbam_jax.train maps them to jnp dtypes
 DEFAULT_RUN_DIR = "runs/CBAM_CNN_experiment"  # the tutorial's, suffixed _1, _2, ... when taken
 RUN_RECORD = "run.json"  # a run's settings, written when it starts: what --resume checks
+DEBUG_ENV = "CBAM_JAX_DEBUG"  # set to 1: tracebacks and orbax's own reports, not one error line
+DEBUG_HELP = (f"An error is one line starting 'error:' and a non-zero exit status; {DEBUG_ENV}=1 "
+              f"in the environment shows the full traceback (and orbax's own reports) instead.")
+
+
+def debugging() -> bool:
+    """Whether the environment asks for full tracebacks (DEBUG_ENV set, not to 0)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -356,6 +356,18 @@ class ResumeMismatchError(ValueError):
     """A resumed run was given settings that would make it differ from the interrupted one."""
 
 
+class StorageError(OSError):
+    """A file of the run could not be written (disk full, permission denied): the message
+    names it, the cause, and the checkpoints that are kept."""
+
+    @classmethod
+    def of(cls, error: OSError, kept: str) -> "StorageError":
+        where = f" {error.filename}" if error.filename else ""
+        storage_error = cls(f"cannot write{where}: {error.strerror or error}. {kept}")
+        storage_error.errno = error.errno
+        return storage_error
+
+
 class EpochObserver:
     """What the epoch loop reports to: override what you need (fit's is logbook.EpochReporter).
 
@@ -461,11 +473,14 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
     the test loss, TensorBoard, plots and checkpoints in `run_dir`; the parameter table, progress
     and a line per epoch through `log` and `progress_stream` (default stdout).
 
-    `resume` continues from the latest checkpoint (from the start if the run was stopped before
-    its first one) to exactly the result of an uninterrupted run on the same devices; settings
-    that would change the result are refused before anything is built. `mesh` (default: every
-    device of every process, cbam_jax.distributed.make_mesh) splits each batch over its devices;
-    only the primary process logs, writes TensorBoard files and plots.
+    `resume` continues from the newest intact checkpoint (`Checkpoints.resume`: a damaged one is
+    skipped, saying so; from the start if the run was stopped before its first one) to exactly
+    the result of an uninterrupted run on the same devices; settings that would change the
+    result are refused before anything is built. `mesh` (default: every device of every
+    process, cbam_jax.distributed.make_mesh) splits each batch over its devices; only the
+    primary process logs, writes TensorBoard files and plots. A file that cannot be written
+    (disk full, permission denied) stops the run with a StorageError naming it, the cause and
+    the checkpoints kept.
     """
     from cbam_jax.checkpoint import Checkpoints  # orbax, tensorboardX, matplotlib: train extras
     from cbam_jax.logbook import EpochReporter, Logbook, plot_run
@@ -485,13 +500,14 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
     start_epoch, best_test_acc = 0, -1.0
     shown = np.asarray(dataset.test_images[:config.num_attention_images], np.uint8)
     maps = None  # the attention maps of the last finished epoch, for the figures
-    if resume and checkpoints.latest_epoch() is not None:
-        state, meta = checkpoints.restore_latest(state)
+    restored = checkpoints.resume(state, log) if resume else None
+    if restored is not None:  # the epoch actually restored sets everything that follows
+        state, meta = restored.state, restored.meta
         plateau, history = PlateauState(**meta["plateau"]), History(**meta["history"])
         start_epoch, best_test_acc = meta["epoch"], meta["best_test_acc"]
         # The figures are drawn even if no epoch is left (a kill while they were drawn).
         maps = _attention_maps(state, shown)
-        log(f"Resuming from {checkpoints.directory} after epoch {start_epoch} (step "
+        log(f"Resuming from {restored.step_dir} after epoch {start_epoch} (step "
             f"{int(state.step)}, lr {plateau.lr:.3g})")
     elif resume:
         log(f"No checkpoint in {checkpoints.directory} yet: starting {run_dir} from epoch 1")
@@ -508,6 +524,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
                 "steps_per_call": steps_per_call(config, data),
                 "device": str(jax.devices()[0]), "devices": mesh.size,
                 "processes": jax.process_count(), "scheduler": repr(tutorial_plateau())})
+    completed = False
     try:
         for epoch in range(start_epoch, config.epochs):
             note = (f"The last good checkpoint (epoch {epoch}) is in {checkpoints.directory}."
@@ -528,14 +545,27 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
                 "plateau": plateau._asdict(), "history": dataclasses.asdict(history),
                 "best_test_acc": best_test_acc}, is_best=is_best)
             log(_epoch_line(result, config.epochs, plateau.lr))
+        completed = True
+    except OSError as e:  # disk full, permission denied: one error that says what is kept
+        raise StorageError.of(e, _kept(checkpoints)) from e  # the cause, for CBAM_JAX_DEBUG=1
     finally:  # also after a failure or Ctrl-C: the figures of the epochs that finished
-        if book is not None:
-            book.close()
         checkpoints.close()  # orbax saves collectively: process 0 writes the replicated state
-        if maps is not None and primary:  # the last finished epoch's maps
-            plot_run(run_dir, history, shown, maps, dataset.class_names,
-                     [int(x) for x in dataset.test_labels[:len(shown)]])
+        try:
+            if book is not None:
+                book.close()
+            if maps is not None and primary:  # the last finished epoch's maps
+                plot_run(run_dir, history, shown, maps, dataset.class_names,
+                         [int(x) for x in dataset.test_labels[:len(shown)]])
+        except OSError as e:  # after a failure, most likely the same full disk: that one tells
+            if completed:
+                raise StorageError.of(e, _kept(checkpoints)) from e
     return FitResult(state, history, run_dir, len(history.test_acc))
+
+
+def _kept(checkpoints) -> str:
+    kept = checkpoints.committed()
+    return (f"Kept in {checkpoints.directory}: {', '.join(kept)}." if kept
+            else "No checkpoint was written.")
 
 
 def _attention_maps(state: TrainState, images) -> list[np.ndarray]:

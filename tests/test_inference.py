@@ -134,6 +134,7 @@ def test_what_is_not_a_checkpoint_gets_a_clear_error(run_dir, tmp_path):
 def test_a_checkpoint_and_the_runs_pth_hold_the_same_model(run_dir, trained):
     from_pth = load_any_checkpoint(run_dir / "digits_cbam_cnn_model.pth")
     assert (trained.dataset, trained.epoch, trained.config.batch_size) == ("digits", 1, 32)
+    assert trained.verified is True and from_pth.verified is None  # its SHA256SUMS held
     assert trained.class_names == tuple("0123456789")
     leaves = jax.tree.leaves((trained.state.params, trained.state.batch_stats))
     pth_leaves = jax.tree.leaves((from_pth.state.params, from_pth.state.batch_stats))

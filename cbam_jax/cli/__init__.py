@@ -18,6 +18,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from cbam_jax.recipe import debugging
+
 # Top-level module -> the extra of cbam-jax that installs it (pyproject.toml's
 # [project.optional-dependencies]); "" for the package's own dependencies.
 EXTRA_OF = {
@@ -114,3 +116,12 @@ def command(main):
         print(f"error: {message}", file=sys.stderr)
         return 1
     return run
+
+
+def error_exit(error: Exception) -> int:
+    """Report `error` as one line on stderr, 'error: ...', and return the exit status 1; raise
+    it (its whole traceback) when the environment sets recipe.DEBUG_ENV."""
+    if debugging():
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    return 1

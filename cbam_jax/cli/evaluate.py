@@ -16,15 +16,17 @@ import sys
 from pathlib import Path
 
 from cbam_jax import recipe
-from cbam_jax.cli import check_out_dir, checkpoint_modules, command, require
+from cbam_jax.cli import check_out_dir, checkpoint_modules, command, error_exit, require
 from cbam_jax.recipe import POSITIVE_INT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Evaluate a trained CBAM model on the test split of its data set: loss, "
-                    "accuracy, per-class accuracy, confusion matrix.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "accuracy, per-class accuracy, confusion matrix. A checkpoint is checked "
+                    "against its SHA256SUMS first: a damaged one is refused (--which picks the "
+                    "other of best/latest).",
+        epilog=recipe.DEBUG_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     recipe.add_checkpoint_flags(p)
     p.add_argument("--data-dir", default="./data", help="where CIFAR-10 is looked for "
                                                         "(as scripts/train.py)")
@@ -82,9 +84,12 @@ def main(argv=None) -> int:
         dataset = load_dataset(trained.dataset, args.data_dir, download=not args.no_download,
                                log=lambda *_: None)
         data = place_data(dataset, mesh, trained.config.batch_size)
-    except (FileNotFoundError, ValueError, DatasetUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (FileNotFoundError, ValueError, DatasetUnavailableError) as e:  # ValueError: also
+        return error_exit(e)  # a damaged checkpoint (checkpoint.DamagedCheckpointError)
+    if trained.verified is False:
+        from cbam_jax.checkpoint import unverified_note
+
+        print(unverified_note(trained.source), file=sys.stderr)
     if trained.devices is not None and trained.devices != mesh.size:
         print(f"note: the run split each batch over {trained.devices} devices, this evaluation "
               f"over {mesh.size}: the loss may differ in its last digits", file=sys.stderr)
@@ -96,12 +101,17 @@ def main(argv=None) -> int:
     print_report(report)
 
     out_dir = Path(args.out_dir or find_run_dir(trained.source) or ".")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")
     which = f"epoch {trained.epoch}" if trained.epoch else trained.source.name
-    plot_confusion_matrix(report["confusion_matrix"], dataset.class_names,
-                          f"{trained.config.model} ({which}) on the {dataset.name} test split: "
-                          f"accuracy {test_acc:.2f}%", out_dir / "confusion_matrix.png")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "evaluation.json"
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        path = out_dir / "confusion_matrix.png"
+        plot_confusion_matrix(report["confusion_matrix"], dataset.class_names,
+                              f"{trained.config.model} ({which}) on the {dataset.name} test "
+                              f"split: accuracy {test_acc:.2f}%", path)
+    except OSError as e:  # a full disk, a permission denied: name the file
+        return error_exit(OSError(e.errno, e.strerror or str(e), str(e.filename or path)))
     print(f"Wrote {out_dir / 'evaluation.json'} and {out_dir / 'confusion_matrix.png'}")
     return 0
 

@@ -5,12 +5,13 @@ defaults and checks come from `cbam_jax.recipe`; this file adds where data, logs
 checkpoints live, and how the devices are used.
 """
 import argparse
+import io
 import os
 import sys
 from pathlib import Path
 
 from cbam_jax import recipe  # the standard library only: --help and bad flags answer at once
-from cbam_jax.cli import TRAIN_MODULES, command, require
+from cbam_jax.cli import TRAIN_MODULES, command, error_exit, require
 from cbam_jax.recipe import DEFAULT_RUN_DIR, NON_NEGATIVE_INT, POSITIVE_INT
 
 
@@ -18,7 +19,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train the CBAM CNN of the tutorial (CIFAR-10 recipe) in JAX, with "
                     "TensorBoard logs, plots and checkpoints in the run directory.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=recipe.DEBUG_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     recipe.add_config_flags(p)
     p.add_argument("--dataset", choices=recipe.DATASETS, default="auto",
                    help="'cifar10'; 'digits' (scikit-learn's 8x8 digits at 32x32, offline); "
@@ -121,6 +122,7 @@ def main(argv=None) -> int:
     print(f"Compile cache: {cache} (--no-compile-cache to turn off)" if cache
           else "Compile cache: off")
 
+    from cbam_jax.checkpoint import DamagedCheckpointError
     from cbam_jax.data import DatasetUnavailableError, load_dataset
     from cbam_jax.train import NonFiniteLossError, ResumeMismatchError, fit
     try:
@@ -132,14 +134,18 @@ def main(argv=None) -> int:
     try:
         result = fit(config, dataset, run_dir, checkpoint_dir=args.checkpoint_dir,
                      resume=args.resume is not None, mesh=mesh)
-    except (NonFiniteLossError, ResumeMismatchError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    # OSError: train.StorageError (a full disk, a permission denied), a run directory that
+    # cannot be created, ...
+    except (NonFiniteLossError, ResumeMismatchError, DamagedCheckpointError, OSError) as e:
+        return error_exit(e)
     if not distributed.is_primary_process():
         return 0  # process 0 reports and exports the model
     print(f"Training finished! Final test accuracy: {result.final_test_acc:.2f}%")
     if config.model == "cbam_cnn":  # the tutorial's CBAM_CNN is the one PyTorch model we mirror
-        export_pth(result, run_dir / f"{dataset.name}_cbam_cnn_model.pth")
+        try:
+            export_pth(result, run_dir / f"{dataset.name}_cbam_cnn_model.pth")
+        except OSError as e:
+            return error_exit(e)
     return 0
 
 
@@ -163,8 +169,16 @@ def export_pth(result, path: Path):
     except ImportError:
         print("PyTorch is not installed: skipping the .pth export")
         return
+    # Serialised in memory: torch's own writer turns a full disk into an anonymous RuntimeError,
+    # Python's file says what failed.
+    data = io.BytesIO()
+    save_pth({"params": result.state.params, "batch_stats": result.state.batch_stats}, data)
     tmp = path.with_name(path.name + ".tmp")  # whole or not at all: a kill leaves no cut-off file
-    save_pth({"params": result.state.params, "batch_stats": result.state.batch_stats}, tmp)
+    try:
+        tmp.write_bytes(data.getvalue())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write the model: {e.strerror}", str(path)) from e
     os.replace(tmp, path)
     print(f"Model saved as a PyTorch state_dict: {path}")
 
