@@ -191,9 +191,9 @@ def _contents(run_dir: Path) -> list[str]:
 
 
 def check_unused(run_dir, checkpoint_dir=None) -> None:
-    """Refuse a new run in a directory that holds anything (a lock file left by a killed run
-    aside), or with a checkpoint directory outside it that holds checkpoints: the new run's
-    history would mix with the old one's."""
+    """Refuse a new run in a directory that holds anything but a lock file (which a killed run
+    leaves), or with a checkpoint directory outside it that is not empty: the new run's history
+    would mix with what is there."""
     run_dir = Path(run_dir)
     _check_checkpoints_unused(checkpoint_dir, run_dir)
     names = _contents(run_dir) if run_dir.is_dir() else []

@@ -36,7 +36,6 @@ from cbam_jax.data import IMAGE_SHAPE
 from cbam_jax.inference import attention_maps
 from cbam_jax.loader import DeviceData, place_data
 from cbam_jax.recipe import RUN_RECORD, TrainConfig, cadence_in_epoch
-from cbam_jax.rundir import ResumeMismatchError
 from cbam_jax.registry import create_model
 from cbam_jax.schedule import PlateauState, tutorial_plateau
 

@@ -25,10 +25,10 @@ from cbam_jax.loader import pad_to_batches, place_data
 from cbam_jax.logbook import event_files, read_events
 from cbam_jax.naming import named_leaves
 from cbam_jax.recipe import TrainConfig
-from cbam_jax.rundir import RunDirError
+from cbam_jax.rundir import ResumeMismatchError, RunDirError
 from cbam_jax.schedule import PlateauState
-from cbam_jax.train import (Call, CallShape, NonFiniteLossError, ResumeMismatchError, build,
-                            call_shape, create_train_state, epoch_plan, evaluate, fit)
+from cbam_jax.train import (Call, CallShape, NonFiniteLossError, build, call_shape,
+                            create_train_state, epoch_plan, evaluate, fit)
 
 # Batch 32: twice the updates of batch 64 for the same compute, which digits needs under the
 # tutorial's augmentation to pass 90% within a few epochs (measured: 95.0% after 8 epochs,
