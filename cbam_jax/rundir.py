@@ -275,6 +275,16 @@ def new_record(config: Mapping, dataset: str, *, devices: int, processes: int = 
             "devices": devices, "processes": processes}
 
 
+def continued_record(record: Mapping, *, epochs: int, data_dir=None) -> dict:
+    """The record of a run as a resume continues it: to `epochs` (a resume may add some) and,
+    if given, with its data set read from `data_dir` (the same data set, moved); the rest as
+    recorded."""
+    continued = {**record, "config": {**record["config"], "epochs": epochs}}
+    if data_dir is not None:
+        continued["data_dir"] = os.path.abspath(data_dir)
+    return continued
+
+
 def read_record(run_dir) -> dict | None:
     """The run record of `run_dir`, or None if it has none."""
     path = Path(run_dir) / RUN_RECORD

@@ -479,7 +479,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
     primary = distributed.is_primary_process()
     if resume:  # refuse a mismatch before any model is built
         _check_resumable(config, dataset.name, run_dir, checkpoints, mesh.size,
-                         allow_device_change)
+                         allow_device_change, data_dir)
     elif primary:  # a new run's history never mixes with an old one's
         rundir.check_unused(run_dir, checkpoint_dir)
     if not primary:
@@ -552,9 +552,9 @@ def _attention_maps(state: TrainState, images) -> list[np.ndarray]:
 
 
 def _check_resumable(config: TrainConfig, dataset_name: str, run_dir: Path, checkpoints,
-                     devices: int, allow_device_change: bool) -> None:
-    """Refuse a resume that could not continue the run exactly, before anything is built; a
-    larger epoch count is recorded, so that the next resume continues to it."""
+                     devices: int, allow_device_change: bool, data_dir) -> None:
+    """Refuse a resume that could not continue the run exactly, before anything is built. What
+    a resume may change is recorded (`rundir.continued_record`), for the next one."""
     record = saved = rundir.read_record(run_dir)
     if saved is None and checkpoints.latest_epoch() is not None:
         saved = checkpoints.latest_meta()  # a run from before run.json existed
@@ -566,10 +566,10 @@ def _check_resumable(config: TrainConfig, dataset_name: str, run_dir: Path, chec
     rundir.check_resume(saved, {**dataclasses.asdict(config), "dataset": dataset_name,
                                 "devices": devices, "checkpoint_dir": checkpoints.directory},
                         run_dir, allow_device_change=allow_device_change)
-    if record is not None and distributed.is_primary_process() \
-            and record["config"].get("epochs") != config.epochs:
-        rundir.write_record(run_dir, {**record, "config": {**record["config"],
-                                                          "epochs": config.epochs}})
+    if record is not None and distributed.is_primary_process():
+        continued = rundir.continued_record(record, epochs=config.epochs, data_dir=data_dir)
+        if continued != record:
+            rundir.write_record(run_dir, continued)
 
 
 def _initial_state(config: TrainConfig, num_classes: int, mesh, log) -> TrainState:

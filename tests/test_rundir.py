@@ -219,6 +219,14 @@ def test_an_older_record_without_data_dir_or_devices_leaves_those_to_the_flags()
     rundir.check_resume(record, given, "run")  # no device count recorded: none checked
 
 
+def test_a_resume_records_more_epochs_and_a_moved_data_directory_and_nothing_else(tmp_path):
+    record = make_run(tmp_path / "run", epochs=2)
+    assert rundir.continued_record(record, epochs=2) == record
+    continued = rundir.continued_record(record, epochs=5, data_dir="moved")
+    assert continued == {**record, "config": {**record["config"], "epochs": 5},
+                         "data_dir": os.path.abspath("moved")}
+
+
 def _given(record, **changes):
     return {**record["config"], "dataset": record["dataset"], "devices": record["devices"],
             **changes}
