@@ -14,7 +14,6 @@ through `parity.load_checkpoint`, which needs torch.
 """
 import dataclasses
 import functools
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -30,6 +29,7 @@ from cbam_jax.data import CLASS_NAMES, IMAGE_SHAPE
 from cbam_jax.loader import pad_to_batches
 from cbam_jax.recipe import RUN_RECORD, TrainConfig
 from cbam_jax.registry import create_model
+from cbam_jax.rundir import read_record
 
 DEFAULT_BATCH_SIZE = 64  # the tutorial's; the batch size changes the speed, not the answers
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder of images is searched for
@@ -79,7 +79,7 @@ def read_run_record(path) -> dict | None:
     """The `run.json` of the run that `path` belongs to (`find_run_dir`), or None. Plain JSON:
     no JAX backend starts, so a CPU device count can still be set from it."""
     run_dir = find_run_dir(path)
-    return None if run_dir is None else json.loads((run_dir / RUN_RECORD).read_text())
+    return None if run_dir is None else read_record(run_dir)
 
 
 def config_of(record: Mapping | None) -> TrainConfig:

@@ -3,7 +3,9 @@
 Tags and cadence are the tutorial's (shared/SPEC.md, "Logging"), plus the test metrics, epoch
 time, throughput, attention maps and hyperparameters it left out. Steps follow the tutorial
 too: the per-batch tags and histograms are at the global batch step, the per-epoch tags (and
-the attention images) at the 0-based epoch.
+the attention images) at the 0-based epoch. The batch cadences count within the epoch, as the
+tutorial's do; an epoch shorter than a cadence records its last batch
+(`recipe.cadence_in_epoch`), so every data set gets every tag.
 
 Nothing is lost on a kill: events are written synchronously (tensorboardX's summary builders and
 record writer, without its background queue) and flushed to disk (fsync) at every epoch
@@ -28,34 +30,11 @@ from tensorboardX.record_writer import RecordWriter, masked_crc32c
 from tqdm import tqdm
 
 from cbam_jax.naming import named_leaves
-from cbam_jax.recipe import DEFAULT_RUN_DIR
+from cbam_jax.recipe import cadence_in_epoch
 
 EPOCH_TAG_PREFIXES = ("Train/Epoch_", "Test/", "Attention/", "Train/Images_per_s",
                       "Hyperparameters")  # stepped by epoch; every other tag by batch
 HISTOGRAM_BINS = 30  # tf.summary.histogram's default bucket count
-
-
-def _numbered_run_dirs(base: str):
-    """`base`, `base_1`, `base_2`, ...: the tutorial's names for successive runs."""
-    yield Path(base)
-    i = 1
-    while True:
-        yield Path(f"{base}_{i}")
-        i += 1
-
-
-def next_run_dir(base: str = DEFAULT_RUN_DIR) -> Path:
-    """The first of `base`, `base_1`, `base_2`, ... that does not exist."""
-    return next(d for d in _numbered_run_dirs(base) if not d.exists())
-
-
-def latest_run_dir(base: str = DEFAULT_RUN_DIR) -> Path | None:
-    """The most recent run directory `next_run_dir` handed out, or None."""
-    latest = None
-    for d in _numbered_run_dirs(base):
-        if not d.exists():
-            return latest
-        latest = d
 
 
 # --- TensorBoard event files -----------------------------------------------------------------
@@ -217,9 +196,10 @@ class EpochReporter:
 
     def __init__(self, book, epoch: int, config, batch_sizes, lr: float, stream=None,
                  compiling: bool = False, line_every_s: float = 30.0):
-        self.book, self.lr, self.log_every = book, lr, config.log_every
         self.batch_sizes = np.asarray(batch_sizes)  # images in each batch of the epoch
         num_batches = len(self.batch_sizes)
+        self.book, self.lr = book, lr
+        self.log_every = cadence_in_epoch(config.log_every, num_batches)
         stream = stream or sys.stdout
         tty = getattr(stream, "isatty", lambda: False)()
         self.read_every_s = 1.0 if tty else line_every_s

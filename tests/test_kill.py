@@ -391,7 +391,9 @@ def test_each_kill_hit_its_moment_and_left_no_file_cut_off(runs):
     committed = [kill.seen.committed() for kill in kills]
     assert committed[:2] == [0, 0] and committed[-1] == EPOCHS and committed == sorted(committed)
     first = kills[0].seen
-    assert first.names == sorted(["run.json", first.event_files[0].name])  # no checkpoints/ yet
+    # No checkpoints/ yet; the lock the run held (the kernel let go of it when the run died,
+    # the next resume took it, and the last one, which ended, removed it).
+    assert first.names == sorted(["run.json", "run.lock", first.event_files[0].name])
 
 
 def test_final_state_is_bit_identical_to_an_uninterrupted_run(runs):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cbam_jax import recipe
 from cbam_jax.cli import check_out_dir, checkpoint_modules, command, error_exit, require
-from cbam_jax.recipe import POSITIVE_INT
+from cbam_jax.recipe import DEFAULT_DATA_DIR, POSITIVE_INT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,10 +26,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "accuracy, per-class accuracy, confusion matrix. A checkpoint is checked "
                     "against its SHA256SUMS first: a damaged one is refused (--which picks the "
                     "other of best/latest).",
-        epilog=recipe.DEBUG_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=recipe.DEBUG_HELP)
     recipe.add_checkpoint_flags(p)
-    p.add_argument("--data-dir", default="./data", help="where CIFAR-10 is looked for "
-                                                        "(as scripts/train.py)")
+    p.add_argument("--data-dir", default=None,
+                   help=f"where CIFAR-10 is looked for, as in scripts/train.py (default: the "
+                        f"directory the run read it from, which its {recipe.RUN_RECORD} records; "
+                        f"else {DEFAULT_DATA_DIR})")
     p.add_argument("--no-download", action="store_true",
                    help="never download CIFAR-10; use only local copies")
     p.add_argument("--devices", type=POSITIVE_INT.parse, default=None,
@@ -59,7 +61,11 @@ def main(argv=None) -> int:
     # float32 operations in the same order. On another device count the partial sums group
     # differently and the last bits may change (on a digits run 1 and 2 devices happened to
     # agree); the accuracy, a count, is exact on any.
-    record = read_run_record(args.checkpoint) or {}
+    try:
+        record = read_run_record(args.checkpoint) or {}
+    except ValueError as e:  # a run.json that is not a run record
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     batch_size = record.get("config", {}).get("batch_size", recipe.TrainConfig().batch_size)
     devices = args.devices or record.get("devices") or runtime.cpu_devices_for(batch_size)
     runtime.configure_cpu(devices)  # a CPU host; the same default as scripts/train.py
@@ -81,7 +87,8 @@ def main(argv=None) -> int:
     try:
         trained = load_checkpoint(args.checkpoint, which=args.which, dataset=args.dataset,
                                   mesh=mesh)
-        dataset = load_dataset(trained.dataset, args.data_dir, download=not args.no_download,
+        data_dir = args.data_dir or record.get("data_dir") or DEFAULT_DATA_DIR
+        dataset = load_dataset(trained.dataset, data_dir, download=not args.no_download,
                                log=lambda *_: None)
         data = place_data(dataset, mesh, trained.config.batch_size)
     except (FileNotFoundError, ValueError, DatasetUnavailableError) as e:  # ValueError: also

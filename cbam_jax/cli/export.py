@@ -35,11 +35,10 @@ STABLEHLO_ATOL = STABLEHLO_RTOL = 1e-5
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Export a trained CBAM model as serialized StableHLO (jax.export) or ONNX "
-                    "(through the PyTorch twin), and check the artifact against JAX.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "(through the PyTorch twin), and check the artifact against JAX.")
     recipe.add_checkpoint_flags(p)
     p.add_argument("--format", choices=("stablehlo", "onnx"), default="stablehlo",
-                   help="stablehlo: JAX only, any model; onnx: cbam_cnn, needs torch, onnx, "
+                   help="stablehlo (the default): JAX only, any model; onnx: cbam_cnn, needs torch, onnx, "
                         "onnxscript, onnxruntime (pip install \"cbam-jax[export]\")")
     p.add_argument("--out", default=None,
                    help="the file to write; none given: <model>_<dataset>.stablehlo or .onnx in "

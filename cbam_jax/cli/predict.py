@@ -29,17 +29,18 @@ RESIZE_NOTE = ("each image is resized to 32x32 with Pillow's bilinear filter (an
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Top-k classes and CBAM spatial attention maps of PNG/JPEG images, from a "
-                    f"trained checkpoint; {RESIZE_NOTE}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    f"trained checkpoint; {RESIZE_NOTE}.")
     recipe.add_checkpoint_flags(p)
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="PNG or JPEG files, or folders of them (*.png, *.jpg, *.jpeg)")
     p.add_argument("--top-k", type=POSITIVE_INT.parse, default=3,
-                   help="how many classes to print per image, most probable first")
+                   help="how many classes to print per image, most probable first (default: %(default)s)")
     p.add_argument("--batch-size", type=POSITIVE_INT.parse, default=64,
-                   help="images per compiled step (changes the speed, not the answers)")
+                   help="images per compiled step (changes the speed, not the answers; default: "
+                        "%(default)s)")
     p.add_argument("--out-dir", default="predictions",
-                   help="the folder the figures go into (made when the first is written)")
+                   help="the folder the figures go into, made when the first is written (default: "
+                        "%(default)s)")
     p.add_argument("--no-figures", action="store_true",
                    help="print the classes only: the figures (matplotlib) are the slow part")
     return p.parse_args(argv)
