@@ -3,9 +3,8 @@
 reference), PyTorch's through the parity converters, train on digits under nnx.jit, and raise
 the Linen modules' errors word for word.
 
-Runtime: 70 tests, 71 s of CPU; 2 min 31 s to 2 min 50 s wall on the shared 2-core machine at
-load average 11-12 (most of it the digits loop, the two small ResNets and the CBAMCNN
-fixtures). The lone layers, the ResNets and CBAMCNN's evaluation run op by op (no jit): the
+Runtime: 88 tests, 83 s of CPU and 86 s wall on the shared 2-core machine at load average 4-5
+(most of it the digits loop, the two small ResNets and the CBAMCNN fixtures). The lone layers, the ResNets and CBAMCNN's evaluation run op by op (no jit): the
 NNX and the Linen side then share the compiled ops, which costs less than compiling each
 side's program; CBAMCNN's train step and the digits loop are compiled whole.
 """
