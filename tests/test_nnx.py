@@ -640,6 +640,9 @@ def test_an_empty_batch_in_evaluation_gives_empty_results(cnn):
     cbam = cn.CBAM.preset("official", C, rngs=nnx.Rngs(0))
     cbam.eval()
     assert cbam(jnp.zeros((0, 6, 5, C))).shape == (0, 6, 5, C)
+    resnet_model, _ = RESNETS["cifar-basic-official"]()
+    resnet_model.eval()
+    assert resnet_model(jnp.zeros((0, 16, 8, 3))).shape == (0, 10)
 
 
 def test_the_spatial_gate_calls_the_conv_it_builds():

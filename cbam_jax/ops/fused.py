@@ -124,7 +124,8 @@ cbam_tutorial.defvjp(_cbam_fwd, _cbam_bwd)
 def batch_norm(x, scale, bias, running, *, train: bool, momentum: float, epsilon: float,
                dtype=None):
     """Equals `reference.batch_norm`: training through `batch_norm_train`'s closed-form
-    gradient, evaluation as one affine map per channel (`_running_affine`)."""
+    gradient (kept as that op is), evaluation as one affine map per channel
+    (`_running_affine`, as the folded blocks apply it)."""
     dtype = dtype or x.dtype
     if not train:
         gain, shift = _running_affine(scale, bias, running, epsilon)
@@ -166,8 +167,9 @@ def batch_norm_train(x, scale, bias, epsilon):
     """Equals `reference.batch_norm`'s training statistics and output (in float32), with the
     closed-form gradient (one reduction pass and one elementwise pass) instead of autodiff's
     chain of reductions. Kept by docs/benchmarks.md, "What was changed, and what was tried
-    (before the fused ops)": taking it out cost 12% of a step, the whole change no measured net
-    gain; `batch_norm_relu_pool_train` builds on its gradient.
+    (before the fused ops; figures under load)": taking it out made the model 0.88x as fast in
+    CPU time per image, though the changes of that section together showed no net gain;
+    `batch_norm_relu_pool_train` builds on its gradient.
 
     x: [..., C], scale/bias: [C] -> (y [..., C] float32, batch mean [C], biased batch var [C]).
     """
@@ -343,7 +345,9 @@ def conv_max_pool_2x2(x, kernel):
     """Equals `reference.max_pool_2x2(reference.conv_same(x, kernel))`: the direct conv, then
     the max of each 2x2 window's four elements; on a CPU, for float32 input of a few channels
     (CBAMCNN's RGB conv1), `pooled_conv_windows` instead. Evaluation only (no gradient is
-    written).
+    written). Kept by docs/benchmarks.md, "Evaluation's conv1 + pool as one matmul", and the
+    four-slice max by "the pool as a reduce over the 2x2 window axes" (0.869x) among the forms
+    tried for evaluation.
 
     The max is four slices and an elementwise max, not a reduce: XLA:CPU's YNNPACK reduce
     fusion pulls the producing convolution into itself (even with YNNPACK convolutions off) and
@@ -451,8 +455,9 @@ def _first_maxima(quadrants, maxima, taken):
 def max_pool_2x2(x):
     """Equals `reference.max_pool_2x2`, its gradient routed by compares (the first maximum of
     each window in row-major order) instead of XLA's select-and-scatter. Kept by
-    docs/benchmarks.md, "What was changed, and what was tried (before the fused ops)": taking
-    it out cost 12% of a step, the whole change no measured net gain.
+    docs/benchmarks.md, "What was changed, and what was tried (before the fused ops; figures
+    under load)": taking it out made the model 0.88x as fast in CPU time per image, though the
+    changes of that section together showed no net gain.
 
     x: [B, H, W, C] -> [B, H // 2, W // 2, C]; odd trailing rows/columns dropped.
     """
