@@ -46,12 +46,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cbam_jax import distributed, ops, runtime, train
+from cbam_jax import distributed, runtime, train
 from cbam_jax import nnx as cbam_nnx
 from cbam_jax.augment import augment, normalize
 from cbam_jax.data import IMAGE_SHAPE, Dataset
 from cbam_jax.layers import CBAM
 from cbam_jax.loader import place_data
+from cbam_jax.ops import fused as ops
 
 SECTIONS = ("step", "eval", "augment", "epoch", "nnx")
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
