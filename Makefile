@@ -25,4 +25,4 @@ test: install
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

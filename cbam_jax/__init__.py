@@ -9,7 +9,9 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it (docs/architecture.md shows the rooms).
 _EXPORTS = {
-    "CBAM": "cbam_jax.layers", "CBAM_PRESETS": "cbam_jax.layers",
+    "CBAM": "cbam_jax.layers", "CBAM_PRESETS": "cbam_jax.options",
+    "CBAMOptions": "cbam_jax.options", "ChannelOptions": "cbam_jax.options",
+    "SpatialOptions": "cbam_jax.options",
     "ChannelAttention": "cbam_jax.layers", "SpatialAttention": "cbam_jax.layers",
     "BatchNorm": "cbam_jax.layers",
     "CBAMCNN": "cbam_jax.models",
@@ -18,7 +20,7 @@ _EXPORTS = {
     "create_model": "cbam_jax.registry", "MODEL_NAMES": "cbam_jax.registry",
     "named_leaves": "cbam_jax.naming", "parameter_report": "cbam_jax.naming",
     "torch_style_name": "cbam_jax.naming",
-    "max_pool_2x2": "cbam_jax.ops",
+    "max_pool_2x2": "cbam_jax.ops.fused",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -286,21 +286,22 @@ def _md5(path: str) -> str:
 
 
 def _fetch(url: str, dest: str) -> None:
-    """Streams `url` to `dest` through a temporary file, so an interrupted fetch leaves nothing."""
+    """Streams `url` to `dest` through a temporary file, so an interrupted fetch leaves nothing.
+    `dest`'s folder is made only once the server answers: an offline run leaves no empty one."""
     tmp = dest + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, \
-                open(tmp, "wb") as out:
-            shutil.copyfileobj(response, out, 1 << 20)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        try:
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out, 1 << 20)
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def download_cifar10_tarball(data_dir: str, log=print) -> str:
     """Downloads and md5-checks torchvision's tarball into `data_dir`; returns its path."""
-    os.makedirs(data_dir, exist_ok=True)
     path = os.path.join(data_dir, CIFAR10_TARBALL)
     log(f"downloading CIFAR-10 (163 MB) from {CIFAR10_URL} to {path}")
     try:

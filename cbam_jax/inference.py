@@ -14,7 +14,6 @@ through `parity.load_checkpoint`, which needs torch.
 """
 import dataclasses
 import functools
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -30,6 +29,7 @@ from cbam_jax.data import CLASS_NAMES, IMAGE_SHAPE
 from cbam_jax.loader import pad_to_batches
 from cbam_jax.recipe import RUN_RECORD, TrainConfig
 from cbam_jax.registry import create_model
+from cbam_jax.rundir import read_record
 
 DEFAULT_BATCH_SIZE = 64  # the tutorial's; the batch size changes the speed, not the answers
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder of images is searched for
@@ -56,6 +56,8 @@ class TrainedModel:
     epoch: int | None = None    # the epoch that wrote it (None: not recorded, e.g. a .pth)
     devices: int | None = None  # how many devices the run split each batch over (None: unknown)
     recorded: Mapping | None = None  # that epoch's {'test_loss', 'test_acc'}, as the run logged
+    verified: bool | None = None  # checked against its SHA256SUMS (False: a checkpoint from
+    #                               before checkpoints carried digests; None: not a checkpoint)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -77,7 +79,7 @@ def read_run_record(path) -> dict | None:
     """The `run.json` of the run that `path` belongs to (`find_run_dir`), or None. Plain JSON:
     no JAX backend starts, so a CPU device count can still be set from it."""
     run_dir = find_run_dir(path)
-    return None if run_dir is None else json.loads((run_dir / RUN_RECORD).read_text())
+    return None if run_dir is None else read_record(run_dir)
 
 
 def config_of(record: Mapping | None) -> TrainConfig:
@@ -97,13 +99,18 @@ def load_checkpoint(path, *, which: str = "best", mesh=None, dtype: str | None =
     the model, its compute dtype (`dtype` overrides it) and its data set (a `dataset` given,
     as for a `.pth` in `parity.load_checkpoint`, must be that one). Only the variables are
     read; they are placed on every device of `mesh`, else on the default device.
+
+    The checkpoint is checked against its digests first (`cbam_jax.checkpoint.verify`): a
+    damaged one, or one whose parameters are not finite, is a DamagedCheckpointError (a
+    ValueError) naming the file; the other of best/latest is never taken silently.
     """
-    from cbam_jax.checkpoint import read_meta, restore_variables, step_directory  # orbax
+    from cbam_jax.checkpoint import read_meta, restore_variables, step_directory, verify  # orbax
 
     if Path(path).suffix == ".pth":
         raise ValueError(f"{path} is a PyTorch state_dict: load it with parity.load_checkpoint, "
                          f"which needs torch (pip install -e '.[parity]')")
     step_dir = step_directory(path, which)
+    verified = verify(step_dir)
     meta = read_meta(step_dir)
     if dataset is not None and dataset != meta["dataset"]:
         raise ValueError(f"{step_dir} was trained on {meta['dataset']}, not {dataset}")
@@ -121,7 +128,8 @@ def load_checkpoint(path, *, which: str = "best", mesh=None, dtype: str | None =
     return TrainedModel(
         InferenceState(model.apply, variables["params"], variables["batch_stats"]), config,
         dataset, step_dir, epoch=meta["epoch"], devices=meta.get("devices"),
-        recorded={"test_loss": history["test_loss"][-1], "test_acc": history["test_acc"][-1]})
+        recorded={"test_loss": history["test_loss"][-1], "test_acc": history["test_acc"][-1]},
+        verified=verified)
 
 
 def model_of(config: TrainConfig, dataset: str, dtype: str | None = None):
@@ -151,16 +159,17 @@ def load_image(path) -> np.ndarray:
     """An image file as the model's input, uint8 [32, 32, 3], as it is prepared for prediction.
 
     Pillow reads it (PNG, JPEG, ...), turns it upright by its EXIF orientation, converts it to
-    RGB (grey is copied to three channels, alpha is dropped) and resizes it to 32x32 with its
-    bilinear filter, ignoring the aspect ratio; shrinking, that filter is antialiased (each
-    pixel averages its whole footprint). The test transform (`normalize`) is applied later, as
-    for the data sets' images. ValueError names a file that is not a readable image.
+    8-bit RGB (`_to_rgb`: grey is copied to three channels, 16-bit values are scaled to 8 bits,
+    transparent pixels are laid over white) and resizes it to 32x32 with its bilinear filter,
+    ignoring the aspect ratio; shrinking, that filter is antialiased (each pixel averages its
+    whole footprint). The test transform (`normalize`) is applied later, as for the data sets'
+    images. ValueError names a file that is not a readable image.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError  # the train extra (matplotlib's)
 
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
+            image = _to_rgb(ImageOps.exif_transpose(image), path)
             size = (IMAGE_SHAPE[1], IMAGE_SHAPE[0])  # Pillow's (width, height)
             return np.asarray(image.resize(size, Image.Resampling.BILINEAR), np.uint8)
     except UnidentifiedImageError:
@@ -168,6 +177,48 @@ def load_image(path) -> np.ndarray:
                          f"JPEG)") from None
     except (OSError, Image.DecompressionBombError) as e:  # missing, unreadable, truncated
         raise ValueError(f"{path}: cannot be read: {e}") from None
+
+
+# Pillow's modes of one integer channel wider than 8 bits: 16-bit grey (PNG, TIFF) and 32-bit
+# integers ('I', which older Pillows and some TIFFs use for 16-bit grey).
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_WHITE = (255, 255, 255, 255)
+
+
+def _to_rgb(image, path="image"):
+    """A Pillow image as 8-bit RGB, the way it looks: the input `load_image` resizes.
+
+    Pillow's own `convert("RGB")` clips 16-bit grey to 0..255 (a full-range gradient turns
+    almost white), so 16-bit grey is scaled instead: its high byte, v // 256, as Pillow reads
+    16-bit colour PNGs (so a 16-bit picture gives the same input in grey as in RGB); 32-bit
+    integer grey ('I') is read as 16-bit and refused outside 0..65535. Transparency (an alpha
+    channel, or a palette entry or grey value marked transparent) is laid over white, as a
+    viewer on a white page shows it, instead of revealing whatever colour the transparent
+    pixels hold. Floating-point images ('F') have no fixed range and are refused. ValueError
+    names `path`.
+    """
+    from PIL import Image
+
+    if image.mode in _WIDE_GREY_MODES:
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{path}: a 32-bit integer image with values from {values.min()} "
+                             f"to {values.max()}; expected 8-bit or 16-bit (0..65535) images")
+        grey = Image.fromarray((values >> 8).astype(np.uint8))
+        key = image.info.get("transparency")  # a 16-bit grey PNG's transparent value
+        if isinstance(key, int):
+            grey.putalpha(Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8)))
+        image = grey
+    elif image.mode == "F":
+        raise ValueError(f"{path}: a floating-point image (Pillow mode F) has no fixed range; "
+                         f"expected an 8-bit or 16-bit image")
+    try:
+        if image.has_transparency_data:
+            image = Image.alpha_composite(Image.new("RGBA", image.size, _WHITE),
+                                          image.convert("RGBA"))
+        return image.convert("RGB")
+    except ValueError as e:  # a mode Pillow cannot convert, e.g. premultiplied 'La'
+        raise ValueError(f"{path}: cannot be converted to RGB ({e})") from None
 
 
 # --- the eval-mode forward -------------------------------------------------------------------

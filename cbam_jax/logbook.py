@@ -3,7 +3,9 @@
 Tags and cadence are the tutorial's (shared/SPEC.md, "Logging"), plus the test metrics, epoch
 time, throughput, attention maps and hyperparameters it left out. Steps follow the tutorial
 too: the per-batch tags and histograms are at the global batch step, the per-epoch tags (and
-the attention images) at the 0-based epoch.
+the attention images) at the 0-based epoch. The batch cadences count within the epoch, as the
+tutorial's do; an epoch shorter than a cadence records its last batch
+(`recipe.cadence_in_epoch`), so every data set gets every tag.
 
 Nothing is lost on a kill: events are written synchronously (tensorboardX's summary builders and
 record writer, without its background queue) and flushed to disk (fsync) at every epoch
@@ -12,6 +14,7 @@ files to what that checkpoint committed (its epochs and their batches), dropping
 half-written tail of the killed run, so every tag has exactly one record per step.
 Plots use matplotlib's object API (no pyplot, so no interactive backend).
 """
+import contextlib
 import os
 import socket
 import struct
@@ -27,34 +30,11 @@ from tensorboardX.record_writer import RecordWriter, masked_crc32c
 from tqdm import tqdm
 
 from cbam_jax.naming import named_leaves
-from cbam_jax.recipe import DEFAULT_RUN_DIR
+from cbam_jax.recipe import cadence_in_epoch
 
 EPOCH_TAG_PREFIXES = ("Train/Epoch_", "Test/", "Attention/", "Train/Images_per_s",
                       "Hyperparameters")  # stepped by epoch; every other tag by batch
 HISTOGRAM_BINS = 30  # tf.summary.histogram's default bucket count
-
-
-def _numbered_run_dirs(base: str):
-    """`base`, `base_1`, `base_2`, ...: the tutorial's names for successive runs."""
-    yield Path(base)
-    i = 1
-    while True:
-        yield Path(f"{base}_{i}")
-        i += 1
-
-
-def next_run_dir(base: str = DEFAULT_RUN_DIR) -> Path:
-    """The first of `base`, `base_1`, `base_2`, ... that does not exist."""
-    return next(d for d in _numbered_run_dirs(base) if not d.exists())
-
-
-def latest_run_dir(base: str = DEFAULT_RUN_DIR) -> Path | None:
-    """The most recent run directory `next_run_dir` handed out, or None."""
-    latest = None
-    for d in _numbered_run_dirs(base):
-        if not d.exists():
-            return latest
-        latest = d
 
 
 # --- TensorBoard event files -----------------------------------------------------------------
@@ -128,7 +108,10 @@ class Logbook:
         return kept
 
     def _write(self, event: event_pb2.Event):
-        self._records.write(event.SerializeToString())
+        try:
+            self._records.write(event.SerializeToString())
+        except OSError as e:  # disk full, permission denied
+            raise _naming(e, self.path) from e
 
     def _add(self, summary_proto, step: int):
         self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_proto))
@@ -171,11 +154,17 @@ class Logbook:
 
     def flush(self):
         """To disk (fsync): what was written survives a kill or a power cut."""
-        self._records.flush()
+        try:
+            self._records.flush()
+        except OSError as e:
+            raise _naming(e, self.path) from e
 
     def close(self):
-        self._records.flush()
-        self._records.close()
+        try:
+            self.flush()
+        finally:  # closed even if the disk is full (then flush has said so)
+            with contextlib.suppress(OSError):
+                self._records.close()
 
 
 # --- progress --------------------------------------------------------------------------------
@@ -207,9 +196,10 @@ class EpochReporter:
 
     def __init__(self, book, epoch: int, config, batch_sizes, lr: float, stream=None,
                  compiling: bool = False, line_every_s: float = 30.0):
-        self.book, self.lr, self.log_every = book, lr, config.log_every
         self.batch_sizes = np.asarray(batch_sizes)  # images in each batch of the epoch
         num_batches = len(self.batch_sizes)
+        self.book, self.lr = book, lr
+        self.log_every = cadence_in_epoch(config.log_every, num_batches)
         stream = stream or sys.stdout
         tty = getattr(stream, "isatty", lambda: False)()
         self.read_every_s = 1.0 if tty else line_every_s
@@ -255,12 +245,21 @@ class EpochReporter:
 
 # --- figures ---------------------------------------------------------------------------------
 
+def _naming(error: OSError, path) -> OSError:
+    """The OSError of a failed write (disk full: no file name) naming the file written."""
+    return OSError(error.errno, error.strerror or str(error), str(path))
+
+
 def _save_png(fig: Figure, path):
     """Whole or not at all: the figure goes to a temporary file that then replaces `path`, so a
     kill while drawing leaves no cut-off PNG (a resumed run draws the figures again)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _naming(e, path) from e
     os.replace(tmp, path)
 
 

@@ -1,26 +1,74 @@
-"""The tutorial's CBAM CNN for CIFAR-10, in NHWC (modules only: the registry picks models by
-name, `cbam_jax.naming` prints their parameters with PyTorch's names)."""
+"""The tutorial's CBAM CNN for CIFAR-10, in NHWC: its layers and its forward pass, written once
+(`cbamcnn_layers`, `cbamcnn_forward`) and built by the Linen `CBAMCNN` here and the NNX one in
+`cbam_jax.nnx`. Modules only: the registry picks models by name, `cbam_jax.naming` prints
+their parameters with PyTorch's names."""
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from cbam_jax import ops
 from cbam_jax.data import IMAGE_SHAPE
-from cbam_jax.layers import (CBAM, BatchNorm, ConvSame, layer_by_layer, torch_bias_init,
-                             torch_kernel_init)
+from cbam_jax.layers import CBAM, LinenLayers, torch_bias_init, torch_kernel_init
 
 BLOCK_CHANNELS = (32, 64, 128)
+BLOCKS = tuple(range(1, len(BLOCK_CHANNELS) + 1))
 # fc1's input [H, W, C] = [4, 4, 128]: three 2x2 max-pools halve 32 to 4.
 FEATURE_SHAPE = (IMAGE_SHAPE[0] // 8, IMAGE_SHAPE[1] // 8, BLOCK_CHANNELS[-1])
 HIDDEN_FEATURES = 512  # fc1's width
 
 
 def check_input(x) -> None:
-    """CBAMCNN reads [batch, 32, 32, 3] (fc1's width is fixed by the image size)."""
+    """CBAMCNN reads normalised floats [batch, 32, 32, 3] (fc1's width is fixed by the image
+    size); any batch size, 0 included."""
     if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
         raise ValueError(f"CBAMCNN expects input [batch, 32, 32, 3] (NHWC), got {x.shape}")
+    ops.reference.check_floating(x, "CBAMCNN", "[batch, 32, 32, 3]")
+
+
+def cbamcnn_layers(make, num_classes: int, dropout_rate: float) -> dict:
+    """CBAMCNN's layers in the tutorial's order, {name: layer}, made by `make` (a
+    `layers.LinenLayers` or an `nnx.NNXLayers`)."""
+    layers, in_features = {}, IMAGE_SHAPE[-1]
+    for i, features in zip(BLOCKS, BLOCK_CHANNELS):
+        layers[f"conv{i}"] = make.conv_same(f"conv{i}", in_features, features, 3,
+                                            bias_init=torch_bias_init(9 * in_features))
+        layers[f"bn{i}"] = make.batch_norm(f"bn{i}", features)
+        layers[f"cbam{i}"] = make.attention(f"cbam{i}", features)
+        in_features = features
+    flat = math.prod(FEATURE_SHAPE)  # 4 * 4 * 128, flattened in (H, W, C) order
+    layers["fc1"] = make.dense("fc1", flat, HIDDEN_FEATURES, kernel_init=torch_kernel_init,
+                               bias_init=torch_bias_init(flat))
+    layers["dropout"] = make.dropout(dropout_rate)
+    layers["fc2"] = make.dense("fc2", HIDDEN_FEATURES, num_classes,
+                               kernel_init=torch_kernel_init,
+                               bias_init=torch_bias_init(HIDDEN_FEATURES))
+    return layers
+
+
+def conv_bn_relu_pool(conv, bn, x, modal, fused: bool):
+    """A block, conv -> BatchNorm -> ReLU -> 2x2 max-pool, on its `conv` (a ConvSame) and `bn`
+    layers: their own calls (`fused=False`: capture_intermediates records each layer's output),
+    or `ops.fused.conv_bn_relu_pool` on their weights and statistics."""
+    if not fused:
+        return ops.reference.max_pool_2x2(jax.nn.relu(modal(bn, conv(x))))
+    block = functools.partial(ops.fused.conv_bn_relu_pool, x, *conv.weights(x.shape[-1]))
+    return modal(bn.normalize, block, conv.features)
+
+
+def cbamcnn_forward(layers, x, modal, fused: bool):
+    """x: [B, 32, 32, 3] -> logits [B, num_classes] (float32), through `layers` (as
+    `cbamcnn_layers` makes them); `modal(layer, *args)` calls a layer in the model's mode."""
+    check_input(x)
+    for i in BLOCKS:
+        x = conv_bn_relu_pool(layers[f"conv{i}"], layers[f"bn{i}"], x, modal, fused)
+        x = modal(layers[f"cbam{i}"], x)
+    x = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # [B, 4 * 4 * 128], (H, W, C) order
+    x = layers["dropout"](jax.nn.relu(layers["fc1"](x)))
+    return layers["fc2"](x).astype(jnp.float32)
 
 
 class CBAMCNN(nn.Module):
@@ -29,41 +77,25 @@ class CBAMCNN(nn.Module):
     x: [B, 32, 32, 3] normalised floats -> logits [B, num_classes] (float32).
     `train=True` uses batch statistics (and updates `batch_stats`) and needs a 'dropout' rng.
     fc1's input is flattened in NHWC order (H, W, C); PyTorch flattens (C, H, W), which the
-    parity converter accounts for. Each block's conv -> BatchNorm -> ReLU -> max-pool runs as
-    one op on conv{i}'s weights and bn{i}'s variables (`ops.conv_bn_relu_pool`: no conv bias in
-    training, whose gradient is then exactly 0; BatchNorm folded into the conv in evaluation),
-    except under `capture_intermediates`, which records every layer's output. fc1 and fc2
-    compute their kernel gradients in the kernels' layout (`ops.dense_dot_general`).
+    parity converter accounts for.
+
+    `fused=True` (the default, what training and inference run): each block's conv ->
+    BatchNorm -> ReLU -> max-pool is one op on conv{i}'s weights and bn{i}'s variables
+    (`ops.fused.conv_bn_relu_pool`: no conv bias in training, whose gradient is then exactly 0;
+    BatchNorm folded into the conv in evaluation), each CBAM trains as one op, and fc1 and fc2
+    compute their kernel gradients in the kernels' layout. `fused=False` runs
+    `ops.reference`, layer by layer. `capture_intermediates` records the module calls of the
+    path chosen: every layer's output only with `fused=False`.
     """
 
     num_classes: int = 10
     dropout_rate: float = 0.5
     dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay param_dtype
     param_dtype: Any = jnp.float32
+    fused: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        check_input(x)
-        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        in_channels = x.shape[-1]
-        watched = layer_by_layer()
-        for i, channels in enumerate(BLOCK_CHANNELS, start=1):
-            conv = ConvSame(channels, 3, bias_init=torch_bias_init(9 * in_channels),
-                            name=f"conv{i}", **dtypes)
-            bn = BatchNorm(name=f"bn{i}", **dtypes)
-            if watched:
-                x = ops.max_pool_2x2(nn.relu(bn(conv(x), train)))
-            else:
-                block = functools.partial(ops.conv_bn_relu_pool, x, *conv.weights(in_channels))
-                x = bn.normalize(block, channels, train)
-            x = CBAM(name=f"cbam{i}", **dtypes)(x, train)
-            in_channels = channels
-        x = x.reshape(x.shape[0], -1)  # [B, 4 * 4 * 128], (H, W, C) order
-        x = nn.Dense(HIDDEN_FEATURES, name="fc1", kernel_init=torch_kernel_init,
-                     bias_init=torch_bias_init(x.shape[-1]),
-                     dot_general=ops.dense_dot_general, **dtypes)(x)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
-        x = nn.Dense(self.num_classes, name="fc2", kernel_init=torch_kernel_init,
-                     bias_init=torch_bias_init(HIDDEN_FEATURES),
-                     dot_general=ops.dense_dot_general, **dtypes)(x)
-        return x.astype(jnp.float32)
+        make = LinenLayers(train, self.dtype, self.param_dtype, self.fused, attn_layer=CBAM)
+        layers = cbamcnn_layers(make, self.num_classes, self.dropout_rate)
+        return cbamcnn_forward(layers, x, make.modal, self.fused)

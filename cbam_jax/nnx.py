@@ -1,38 +1,48 @@
 """CBAM, the tutorial's CBAM CNN and the CBAM-ResNets as native flax.nnx modules.
 
-They compute what the Linen modules compute, because they call the same code: the arithmetic is
-`cbam_jax.ops`, the initialisers, presets, input checks and architecture constants are the Linen
-files' own. What differs is the shape of an NNX module:
+They compute what the Linen modules compute, because they are built from the same
+definitions: the arithmetic is `cbam_jax.ops`, CBAM's options (names, defaults, checks,
+presets) are `cbam_jax.options`, and the architectures are written once in `cbam_jax.models`
+and `cbam_jax.resnet`, which `NNXLayers` builds here as `layers.LinenLayers` does in Linen.
+What differs is the shape of an NNX module:
 
 - constructors take the input channels, as PyTorch's do: `CBAM(64, rngs=nnx.Rngs(0))`;
 - training vs evaluation is an attribute, as in Flax's own layers: `model.train()` /
   `model.eval()` (or `nnx.view(model, use_running_average=True)`) set `use_running_average` on
   every BatchNorm and CBAM (the Linen `train=`) and `deterministic` on CBAMCNN's dropout. Like
   `nnx.BatchNorm`, a new module is in training mode;
-- the spatial gate [B, H, W, 1] is sown as `nnx.Intermediate` 'spatial_attention', which
-  `nnx.capture(model, nnx.Intermediate)(x)` returns next to the output;
+- the spatial gate [B, H, W, 1] is sown as `nnx.Intermediate` 'spatial_attention' when asked:
+  `nnx.capture(nnx.view(model, sow_gates=True), nnx.Intermediate)(x)` returns it next to the
+  output; a plain call keeps nothing;
 - attribute names are the Linen modules' names, so `to_linen(model)` is the Linen `variables`
   tree (and, through `cbam_jax.naming`, PyTorch's names) and `from_linen(model, variables)` loads
   one. The tutorial's `.pth` goes through `parity`: `parity.flax_to_torch(to_linen(model))`.
 """
+import dataclasses
 import functools
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cbam_jax import ops
-from cbam_jax.data import IMAGE_SHAPE
-from cbam_jax.layers import (all_float32, has_tutorial_arithmetic, preset_options,
-                             torch_bias_init, torch_kernel_init)
-from cbam_jax.models import BLOCK_CHANNELS, FEATURE_SHAPE, HIDDEN_FEATURES
-from cbam_jax.models import check_input as check_cnn_input
-from cbam_jax.resnet import check_input as check_resnet_input
-from cbam_jax.resnet import check_stem, conv_init, fc_init, imagenet_stem_pool
+from cbam_jax import models, ops, resnet
+from cbam_jax.layers import (conv_same, dense_dot_general, runs_as_one_op, torch_bias_init,
+                             torch_kernel_init)
+from cbam_jax.options import (CBAMOptions, ChannelOptions, SpatialOptions, check,
+                              option_values, preset_options)
 
 Dtype = Any
+
+
+def modal(layer: Callable, *args):
+    """Call a layer that trains and evaluates differently: NNX layers carry their own mode."""
+    return layer(*args)
+
+
+def _check_built_for(features: int, built_for: int, module: str) -> None:
+    if features != built_for:
+        raise ValueError(f"{module} params were built for {built_for} channels, got {features}")
 
 
 # --- CBAM ------------------------------------------------------------------------------------
@@ -40,112 +50,133 @@ Dtype = Any
 class ChannelAttention(nnx.Module):
     """Channel gate: a shared MLP over global pools (average and max), summed, then sigmoid.
 
-    Hidden width `ops.reduced_width`: `in_features // ratio` floored at `min_hidden` (1), or
-    timm's rounding (`rd_round="nearest"`), or `hidden_features`.
+    `ChannelAttention(in_features, rngs=..., **options)`: the options are `ChannelOptions`'
+    (the Linen module's fields). Hidden width `ChannelOptions.hidden_width`.
     """
 
-    def __init__(self, in_features: int, ratio: float = 16, *,
-                 pool_types: Sequence[str] = ("avg", "max"), use_bias: bool = False,
-                 hidden_features: int | None = None, min_hidden: int = 1,
-                 rd_round: str = "floor", act: Callable = nnx.relu,
-                 gate: Callable = nnx.sigmoid, dtype: Dtype | None = None,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-        ops.check_names(pool_types, ops.CHANNEL_POOLS, "ChannelAttention.pool_types")
-        hidden = ops.reduced_width(in_features, ratio, hidden_features, min_hidden, rd_round)
-        self.in_features = in_features
-        self.pool_types = tuple(pool_types)
-        self.act, self.gate = act, gate
-        dense = dict(use_bias=use_bias, kernel_init=torch_kernel_init, dtype=dtype,
+    def __init__(self, in_features: int, *, dtype: Dtype | None = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs, **options):
+        options = ChannelOptions(**options)
+        check(options, "ChannelAttention")
+        ops.reference.check_features(in_features, "ChannelAttention")
+        hidden = options.hidden_width(in_features)
+        self.in_features, self.options = in_features, options
+        dense = dict(use_bias=options.mlp_bias, kernel_init=torch_kernel_init, dtype=dtype,
                      param_dtype=param_dtype, rngs=rngs)
         self.fc_0 = nnx.Linear(in_features, hidden, bias_init=torch_bias_init(in_features),
                                **dense)
         self.fc_2 = nnx.Linear(hidden, in_features, bias_init=torch_bias_init(hidden), **dense)
 
     def __call__(self, x):  # x: [B, H, W, C]
-        ops.check_nhwc(x, "ChannelAttention")
-        ops.check_channels(x, self.in_features, "ChannelAttention")
-        return ops.channel_attention(x, lambda pooled: self.fc_2(self.act(self.fc_0(pooled))),
-                                     self.pool_types, self.gate)
+        ops.reference.check_nhwc(x, "ChannelAttention")
+        ops.reference.check_channels(x, self.in_features, "ChannelAttention")
+        return ops.reference.channel_attention(
+            x, lambda pooled: self.fc_2(self.options.act(self.fc_0(pooled))),
+            self.options.pool_types, self.options.gate)
+
+
+class ConvSame(nnx.Module):
+    """`layers.ConvSame` as an NNX module: a stride-1 'same' conv whose weights a caller can
+    also take without convolving (`weights`), `kernel` [k, k, in, features] and `bias`."""
+
+    def __init__(self, in_features: int, features: int, kernel_size: int, *,
+                 use_bias: bool = True, kernel_init: Callable = torch_kernel_init,
+                 bias_init: Callable = nnx.initializers.zeros, dtype: Dtype | None = None,
+                 param_dtype: Dtype = jnp.float32, fused: bool = True, rngs: nnx.Rngs):
+        k = kernel_size
+        self.features, self.dtype, self.fused = features, dtype, fused
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (k, k, in_features, features),
+                                            param_dtype))
+        self.bias = (nnx.Param(bias_init(rngs.params(), (features,), param_dtype))
+                     if use_bias else None)
+
+    def __call__(self, x):  # x: [B, H, W, in] -> [B, H, W, features]
+        return conv_same(x, *self.weights(x.shape[-1]), self.dtype, self.fused)
+
+    def weights(self, in_features: int):
+        """(kernel, bias or None), for input of `in_features` channels."""
+        _check_built_for(in_features, self.kernel.shape[2], "ConvSame")
+        return self.kernel[...], None if self.bias is None else self.bias[...]
 
 
 class SpatialAttention(nnx.Module):
     """Spatial gate: a k x k conv (no bias, 'same' padding) over channel-wise [mean, max] maps,
-    optionally followed by a BatchNorm (`use_bn`: the official and timm presets).
+    optionally followed by a BatchNorm (`spatial_bn`: the official and timm presets).
 
-    The conv runs as one matmul (`ops.spatial_conv`) on `conv`'s weights. Under
-    `nnx.capture(..., nnx.Intermediate)` the gate [B, H, W, 1] is sown as 'spatial_attention'.
+    `SpatialAttention(rngs=..., **options)`: the options are `SpatialOptions`'. Fused, the conv
+    runs as one matmul. With `sow_gates` (`nnx.view(model, sow_gates=True)`), the gate
+    [B, H, W, 1] is sown as 'spatial_attention' for `nnx.capture(..., nnx.Intermediate)`.
     """
 
-    def __init__(self, kernel_size: int = 7, *, pool_order: Sequence[str] = ("avg", "max"),
-                 use_bias: bool = False, use_bn: bool = False, bn_momentum: float = 0.1,
-                 bn_epsilon: float = 1e-5, gate: Callable = nnx.sigmoid,
-                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-        ops.check_names(pool_order, ops.SPATIAL_POOLS, "SpatialAttention.pool_order")
-        ops.check_kernel_size(kernel_size, "SpatialAttention")
-        k, pad, maps = kernel_size, kernel_size // 2, len(pool_order)
-        self.pool_order = tuple(pool_order)
-        self.gate, self.dtype = gate, dtype
-        self.conv = nnx.Conv(maps, 1, (k, k), padding=((pad, pad), (pad, pad)),
-                             use_bias=use_bias, kernel_init=torch_kernel_init,
+    def __init__(self, *, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+                 fused: bool = True, rngs: nnx.Rngs, **options):
+        options = SpatialOptions(**options)
+        check(options, "SpatialAttention")
+        k, maps = options.kernel_size, len(options.spatial_pool_order)
+        self.options = options
+        self.sow_gates = False
+        self.conv = ConvSame(maps, 1, k, use_bias=options.spatial_bias,
                              bias_init=torch_bias_init(k * k * maps), dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs)
-        self.bn = (BatchNorm(1, momentum=bn_momentum, epsilon=bn_epsilon, dtype=dtype,
-                             param_dtype=param_dtype) if use_bn else None)
+                             param_dtype=param_dtype, fused=fused, rngs=rngs)
+        self.bn = (BatchNorm(1, momentum=options.bn_momentum, epsilon=options.bn_epsilon,
+                             dtype=dtype, param_dtype=param_dtype, fused=fused)
+                   if options.spatial_bn else None)
 
     def __call__(self, x):  # x: [B, H, W, C]
-        ops.check_nhwc(x, "SpatialAttention")
+        ops.reference.check_nhwc(x, "SpatialAttention")
 
         def logits(maps):  # [B, H, W, P] -> [B, H, W, 1]
-            bias = None if self.conv.bias is None else self.conv.bias[...]
-            y = ops.spatial_conv(maps, self.conv.kernel[...], bias, self.dtype)
+            y = self.conv(maps)
             return y if self.bn is None else self.bn(y)
 
-        y, attention = ops.spatial_attention(x, logits, self.pool_order, self.gate)
+        y, attention = ops.reference.spatial_attention(x, logits, self.options.spatial_pool_order,
+                                                       self.options.gate)
         self.sow_gate(attention)
         return y
 
     def sow_gate(self, attention):
-        # Sow only inside nnx.capture, which marks the modules it records with `__captures__`
-        # (Flax's guide "Extracting intermediate values"): outside it, Flax 0.12 still keeps a
-        # sown value as a new attribute, appending every call, so a training loop would grow the
-        # model's state (and recompile) at every step.
-        if hasattr(self, "__captures__"):
+        # Only when asked: outside nnx.capture, Flax 0.12 keeps a sown value as a new
+        # attribute, appending every call, so a training loop would grow the model's state (and
+        # recompile) at every step.
+        if self.sow_gates:
             self.sow(nnx.Intermediate, "spatial_attention", attention)
+
+    def set_view(self, sow_gates: bool | None = None):
+        """Mode for `nnx.view`.
+
+        Args:
+          sow_gates: True: sow the gate as nnx.Intermediate 'spatial_attention', for
+            `nnx.capture(model, nnx.Intermediate)`.
+        """
+        if sow_gates is not None:
+            self.sow_gates = sow_gates
 
 
 class CBAM(nnx.Module):
     """Convolutional Block Attention Module: channel attention, then spatial attention.
 
     `CBAM(in_features, rngs=...)` is the tutorial's module; `CBAM.preset('official' | 'timm',
-    in_features, **overrides)` builds the other known variants (`cbam_jax.layers.CBAM_PRESETS`).
-    The keywords are the Linen `CBAM`'s. The output has the input's dtype (`dtype` is the
-    compute dtype of the gates). In training (`use_running_average=False`, the default, set by
-    `train()` / `eval()` / `nnx.view` as on BatchNorm; the Linen `train=`), a CBAM with the
-    tutorial's arithmetic in float32 runs as `ops.cbam_tutorial`, as the Linen one does.
+    in_features, **overrides)` builds the other known variants (`cbam_jax.options.CBAM_PRESETS`).
+    The options are `CBAMOptions`' (the Linen `CBAM`'s fields). The output has the input's
+    dtype (`dtype` is the compute dtype of the gates). In training (`use_running_average=False`,
+    the default, set by `train()` / `eval()` / `nnx.view` as on BatchNorm; the Linen `train=`),
+    a fused CBAM with the tutorial's arithmetic in float32 runs as `ops.fused.cbam_tutorial`,
+    as the Linen one does.
     """
 
-    def __init__(self, in_features: int, ratio: float = 16, kernel_size: int = 7, *,
-                 pool_types: Sequence[str] = ("avg", "max"), mlp_bias: bool = False,
-                 hidden_features: int | None = None, min_hidden: int = 1,
-                 rd_round: str = "floor", act: Callable = nnx.relu,
-                 gate: Callable = nnx.sigmoid,
-                 spatial_pool_order: Sequence[str] = ("avg", "max"), spatial_bn: bool = False,
-                 bn_momentum: float = 0.1, bn_epsilon: float = 1e-5, no_spatial: bool = False,
-                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, in_features: int, *, dtype: Dtype | None = None,
+                 param_dtype: Dtype = jnp.float32, fused: bool = True, rngs: nnx.Rngs,
+                 **options):
+        options = CBAMOptions(**options)
+        check(options, "CBAM")
+        ops.reference.check_features(in_features, "CBAM")
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-        self.dtype, self.param_dtype = dtype, param_dtype
-        self.tutorial_arithmetic = has_tutorial_arithmetic(
-            pool_types=pool_types, mlp_bias=mlp_bias, act=act, gate=gate,
-            spatial_pool_order=spatial_pool_order, spatial_bn=spatial_bn, no_spatial=no_spatial)
+        self.options, self.fused, self.dtype, self.param_dtype = options, fused, dtype, param_dtype
         self.use_running_average = False
-        self.channel_attn = ChannelAttention(
-            in_features, ratio, pool_types=pool_types, use_bias=mlp_bias,
-            hidden_features=hidden_features, min_hidden=min_hidden, rd_round=rd_round, act=act,
-            gate=gate, rngs=rngs, **dtypes)
-        self.spatial_attn = None if no_spatial else SpatialAttention(
-            kernel_size, pool_order=spatial_pool_order, use_bn=spatial_bn,
-            bn_momentum=bn_momentum, bn_epsilon=bn_epsilon, gate=gate, rngs=rngs, **dtypes)
+        self.channel_attn = ChannelAttention(in_features, rngs=rngs, **dtypes,
+                                             **option_values(options, ChannelOptions))
+        self.spatial_attn = None if options.no_spatial else SpatialAttention(
+            fused=fused, rngs=rngs, **dtypes, **option_values(options, SpatialOptions))
 
     @classmethod
     def preset(cls, variant: str, in_features: int, /, **overrides) -> "CBAM":
@@ -153,13 +184,14 @@ class CBAM(nnx.Module):
         return cls(in_features, **preset_options(variant, **overrides))
 
     def __call__(self, x):  # x: [B, H, W, C]
-        ops.check_nhwc(x, "CBAM")
-        if (not self.use_running_average and self.tutorial_arithmetic
-                and all_float32(x, self.dtype, self.param_dtype)):
+        ops.reference.check_nhwc(x, "CBAM")
+        if runs_as_one_op(self.options, x, train=not self.use_running_average, fused=self.fused,
+                          dtype=self.dtype, param_dtype=self.param_dtype):
             channel, spatial = self.channel_attn, self.spatial_attn
-            ops.check_channels(x, channel.in_features, "ChannelAttention")
-            y, attention = ops.cbam_tutorial(x, channel.fc_0.kernel[...], channel.fc_2.kernel[...],
-                                             spatial.conv.kernel[...])
+            ops.reference.check_channels(x, channel.in_features, "ChannelAttention")
+            y, attention = ops.fused.cbam_tutorial(x, channel.fc_0.kernel[...],
+                                                   channel.fc_2.kernel[...],
+                                                   spatial.conv.kernel[...])
             spatial.sow_gate(attention)
             return y
         x = self.channel_attn(x)
@@ -169,14 +201,15 @@ class CBAM(nnx.Module):
         """Mode for `nnx.view`, as BatchNorm's.
 
         Args:
-          use_running_average: True: evaluation (the layers' path, no `ops.cbam_tutorial`).
+          use_running_average: True: evaluation (the layers' path, no `ops.fused.cbam_tutorial`).
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
 
 class BatchNorm(nnx.Module):
-    """BatchNorm2d with PyTorch's semantics on the last axis (`cbam_jax.ops.batch_norm`).
+    """BatchNorm2d with PyTorch's semantics on the last axis (`ops.reference.batch_norm`; fused,
+    `ops.fused.batch_norm`).
 
     `scale`, `bias` are `nnx.Param`; `mean`, `var` (the unbiased running variance, as PyTorch's)
     and `num_batches_tracked` are `nnx.BatchStat`. `use_running_average=False` (training)
@@ -185,25 +218,30 @@ class BatchNorm(nnx.Module):
 
     def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
                  use_running_average: bool = False, dtype: Dtype | None = None,
-                 param_dtype: Dtype = jnp.float32):
+                 param_dtype: Dtype = jnp.float32, fused: bool = True):
+        ops.reference.check_features(num_features, "BatchNorm", "num_features")
         self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
         self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
         self.momentum, self.epsilon, self.dtype = momentum, epsilon, dtype
+        self.fused = fused
         self.use_running_average = use_running_average
 
     def __call__(self, x):  # x: [..., C]
-        return self.normalize(functools.partial(ops.batch_norm, x))
+        op = ops.fused.batch_norm if self.fused else ops.reference.batch_norm
+        return self.normalize(functools.partial(op, x), x.shape[-1])
 
-    def normalize(self, op: Callable):
+    def normalize(self, op: Callable, features: int):
         """Run `op(scale, bias, running, train=, momentum=, epsilon=, dtype=)` -> (y, updated
         running or None) on this layer's variables and keep the update; return y.
 
-        `op` is `ops.batch_norm` on x, or a block with a BatchNorm inside
-        (`ops.conv_bn_relu_pool`: CBAMCNN's bn1..bn3), as the Linen BatchNorm's `normalize`.
+        `op` is the batch norm on x, or a block with a BatchNorm inside
+        (`ops.fused.conv_bn_relu_pool`: CBAMCNN's bn1..bn3), as the Linen BatchNorm's
+        `normalize`; `features` must be this layer's.
         """
+        _check_built_for(features, self.scale.shape[0], "BatchNorm")
         y, updated = op(self.scale[...], self.bias[...], (self.mean[...], self.var[...]),
                         train=not self.use_running_average, momentum=self.momentum,
                         epsilon=self.epsilon, dtype=self.dtype)
@@ -222,6 +260,65 @@ class BatchNorm(nnx.Module):
             self.use_running_average = use_running_average
 
 
+# --- the constructors of the architectures ---------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NNXLayers:
+    """The layers of an architecture (`models.cbamcnn_layers`, `resnet.resnet_layers`) as NNX
+    modules, with `layers.LinenLayers`' arguments: `name` is the Linen name (an NNX module
+    takes it as its attribute), `in_features` the input's channels. NNX layers carry their mode
+    (`modal`)."""
+
+    rngs: nnx.Rngs
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    fused: bool = True
+    attn_layer: Callable | None = None  # attn_layer(features, rngs=, dtype=, param_dtype=, fused=)
+
+    def conv_same(self, name: str, in_features: int, features: int, kernel_size: int, *,
+                  bias_init: Callable) -> ConvSame:
+        return ConvSame(in_features, features, kernel_size, bias_init=bias_init,
+                        dtype=self.dtype, param_dtype=self.param_dtype, fused=self.fused,
+                        rngs=self.rngs)
+
+    def conv(self, name: str, in_features: int, features: int, kernel_size: int,
+             strides: int = 1, *, kernel_init: Callable) -> nnx.Conv:
+        """A bias-free conv with PyTorch's symmetric padding k // 2."""
+        pad = kernel_size // 2
+        return nnx.Conv(in_features, features, (kernel_size, kernel_size), (strides, strides),
+                        padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=kernel_init,
+                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+
+    def batch_norm(self, name: str, features: int) -> BatchNorm:
+        return BatchNorm(features, dtype=self.dtype, param_dtype=self.param_dtype,
+                         fused=self.fused)
+
+    def dense(self, name: str, in_features: int, features: int, *, kernel_init: Callable,
+              bias_init: Callable = nnx.initializers.zeros) -> nnx.Linear:
+        return nnx.Linear(in_features, features, kernel_init=kernel_init, bias_init=bias_init,
+                          dot_general=dense_dot_general(self.fused), dtype=self.dtype,
+                          param_dtype=self.param_dtype, rngs=self.rngs)
+
+    def dropout(self, rate: float) -> nnx.Dropout:
+        return nnx.Dropout(rate, rngs=self.rngs)
+
+    def attention(self, name: str, features: int):
+        if self.attn_layer is None:
+            return None
+        return self.attn_layer(features, rngs=self.rngs, dtype=self.dtype,
+                               param_dtype=self.param_dtype, fused=self.fused)
+
+    def block(self, name: str, block, in_features: int, features: int, strides: int):
+        return ResidualBlock(block, in_features, features, strides, self)
+
+
+def _set_layers(module: nnx.Module, layers: dict) -> None:
+    """Make each of `layers` an attribute of `module`, named as the Linen layer (in this order:
+    `to_linen` returns the variables in the order the attributes were made)."""
+    for name, layer in layers.items():
+        setattr(module, name, layer)
+
+
 # --- the tutorial's CBAM CNN -----------------------------------------------------------------
 
 class CBAMCNN(nnx.Module):
@@ -229,110 +326,36 @@ class CBAMCNN(nnx.Module):
 
     x: [B, 32, 32, 3] normalised floats -> logits [B, num_classes] (float32). In training mode
     the dropout draws from `rngs`' 'dropout' stream (else its default one). The layers are
-    named as the Linen `cbam_jax.CBAMCNN`'s and the tutorial's (conv1, bn1, cbam1, ..., fc2).
+    named as the Linen `cbam_jax.CBAMCNN`'s and the tutorial's (conv1, bn1, cbam1, ..., fc2),
+    and `fused` chooses the path as there.
     """
 
     def __init__(self, num_classes: int = 10, *, dropout_rate: float = 0.5,
-                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-        in_features = IMAGE_SHAPE[-1]
-        for i, features in enumerate(BLOCK_CHANNELS, start=1):
-            setattr(self, f"conv{i}", nnx.Conv(
-                in_features, features, (3, 3), padding=((1, 1), (1, 1)),
-                kernel_init=torch_kernel_init, bias_init=torch_bias_init(9 * in_features),
-                rngs=rngs, **dtypes))
-            setattr(self, f"bn{i}", BatchNorm(features, **dtypes))
-            setattr(self, f"cbam{i}", CBAM(features, rngs=rngs, **dtypes))
-            in_features = features
-        flat = math.prod(FEATURE_SHAPE)  # 4 * 4 * 128, flattened in (H, W, C) order
-        # ops.dense_dot_general: the kernel gradients in the kernels' layout, as in Linen.
-        self.fc1 = nnx.Linear(flat, HIDDEN_FEATURES, kernel_init=torch_kernel_init,
-                              bias_init=torch_bias_init(flat), dot_general=ops.dense_dot_general,
-                              rngs=rngs, **dtypes)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-        self.fc2 = nnx.Linear(HIDDEN_FEATURES, num_classes, kernel_init=torch_kernel_init,
-                              bias_init=torch_bias_init(HIDDEN_FEATURES),
-                              dot_general=ops.dense_dot_general, rngs=rngs, **dtypes)
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+                 fused: bool = True, rngs: nnx.Rngs):
+        self.fused = fused
+        make = NNXLayers(rngs, dtype, param_dtype, fused, attn_layer=CBAM)
+        _set_layers(self, models.cbamcnn_layers(make, num_classes, dropout_rate))
 
     def __call__(self, x):
-        check_cnn_input(x)
-        for i in range(1, len(BLOCK_CHANNELS) + 1):
-            conv = getattr(self, f"conv{i}")  # its weights; bn{i} runs the block, as in Linen
-            x = getattr(self, f"bn{i}").normalize(functools.partial(
-                ops.conv_bn_relu_pool, x, conv.kernel[...], conv.bias[...]))
-            x = getattr(self, f"cbam{i}")(x)
-        x = x.reshape(x.shape[0], -1)  # [B, 4 * 4 * 128]
-        x = self.dropout(nnx.relu(self.fc1(x)))
-        return self.fc2(x).astype(jnp.float32)
+        return models.cbamcnn_forward(vars(self), x, modal, self.fused)
 
 
 # --- CBAM-ResNets ----------------------------------------------------------------------------
 
-def torch_conv(in_features: int, features: int, kernel: int, strides: int = 1,
-               **kwargs) -> nnx.Conv:
-    """A bias-free conv with PyTorch's symmetric padding k // 2 and torchvision's init
-    (`cbam_jax.resnet.torch_conv`'s NNX twin)."""
-    pad = kernel // 2
-    return nnx.Conv(in_features, features, (kernel, kernel), (strides, strides),
-                    padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=conv_init,
-                    **kwargs)
+# The blocks' structure, as in Linen (`cbam_jax.resnet`).
+BasicBlock, Bottleneck = resnet.BasicBlock, resnet.Bottleneck
 
 
-class BasicBlock(nnx.Module):
-    """conv3x3 -> BN -> ReLU -> conv3x3 -> BN -> attention, plus the (projected) input, ReLU."""
+class ResidualBlock(nnx.Module):
+    """A residual block (`BasicBlock`, `Bottleneck`: its layers and forward) as an NNX module."""
 
-    expansion = 1
-
-    def __init__(self, in_features: int, features: int, *, conv: Callable, norm: Callable,
-                 attn_layer: Callable | None = None, strides: int = 1):
-        self.conv1 = conv(in_features, features, 3, strides)
-        self.bn1 = norm(features)
-        self.conv2 = conv(features, features, 3)
-        self.bn2 = norm(features)
-        _add_attention_and_shortcut(self, in_features, features, conv, norm, attn_layer, strides)
+    def __init__(self, block, in_features: int, features: int, strides: int, make: NNXLayers):
+        self.block = block
+        _set_layers(self, block.layers(make, in_features, features, strides))
 
     def __call__(self, x):
-        out = nnx.relu(self.bn1(self.conv1(x)))
-        return _residual(self, self.bn2(self.conv2(out)), x)
-
-
-class Bottleneck(nnx.Module):
-    """conv1x1 -> conv3x3 (strided) -> conv1x1 (x4 channels), each with BN; attention; residual."""
-
-    expansion = 4
-
-    def __init__(self, in_features: int, features: int, *, conv: Callable, norm: Callable,
-                 attn_layer: Callable | None = None, strides: int = 1):
-        self.conv1 = conv(in_features, features, 1)
-        self.bn1 = norm(features)
-        self.conv2 = conv(features, features, 3, strides)
-        self.bn2 = norm(features)
-        self.conv3 = conv(features, features * 4, 1)
-        self.bn3 = norm(features * 4)
-        _add_attention_and_shortcut(self, in_features, features, conv, norm, attn_layer, strides)
-
-    def __call__(self, x):
-        out = nnx.relu(self.bn1(self.conv1(x)))
-        out = nnx.relu(self.bn2(self.conv2(out)))
-        return _residual(self, self.bn3(self.conv3(out)), x)
-
-
-def _add_attention_and_shortcut(block, in_features, features, conv, norm, attn_layer, strides):
-    """The block's `cbam` (None without attention) and its projection `downsample_0/1` (None
-    where the input already has the output's shape), named as the Linen block's."""
-    out_features = features * block.expansion
-    block.cbam = None if attn_layer is None else attn_layer(out_features)
-    projected = strides != 1 or in_features != out_features
-    block.downsample_0 = conv(in_features, out_features, 1, strides) if projected else None
-    block.downsample_1 = norm(out_features) if projected else None
-
-
-def _residual(block, out, x):
-    if block.cbam is not None:
-        out = block.cbam(out)
-    if block.downsample_0 is not None:
-        x = block.downsample_1(block.downsample_0(x))
-    return nnx.relu(out + x)
+        return self.block.forward(vars(self), x, modal)
 
 
 OFFICIAL_CBAM = functools.partial(CBAM.preset, "official")
@@ -342,45 +365,23 @@ class CBAMResNet(nnx.Module):
     """ResNet with attention in every block: x [B, H, W, 3] -> logits [B, num_classes] (float32).
 
     As `cbam_jax.resnet.CBAMResNet`: `attn_layer` builds a block's attention from its channel
-    count (`attn_layer(features, rngs=..., dtype=..., param_dtype=...)`), None is the plain
-    ResNet, the default is the official CBAM; `stem` is 'imagenet' or 'cifar'.
+    count (`attn_layer(features, rngs=..., dtype=..., param_dtype=..., fused=...)`), None is the
+    plain ResNet, the default is the official CBAM; `stem` is 'imagenet' or 'cifar'.
     """
 
     def __init__(self, stage_sizes: Sequence[int], block: type = BasicBlock,
                  num_classes: int = 1000, *, stem: str = "imagenet",
                  attn_layer: Callable | None = OFFICIAL_CBAM, in_features: int = 3,
-                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-        check_stem(stem)
-        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
-        conv = functools.partial(torch_conv, rngs=rngs, **dtypes)
-        norm = functools.partial(BatchNorm, **dtypes)
-        attn = None if attn_layer is None else functools.partial(attn_layer, rngs=rngs, **dtypes)
-        self.stem = stem
-        if stem == "imagenet":
-            self.conv1 = conv(in_features, 64, 7, 2)
-        else:
-            self.conv1 = conv(in_features, 64, 3)
-        self.bn1 = norm(64)
-        names, in_features = [], 64
-        for stage, blocks in enumerate(stage_sizes):
-            for i in range(blocks):
-                name, features = f"layer{stage + 1}_{i}", 64 * 2**stage
-                setattr(self, name, block(in_features, features, conv=conv, norm=norm,
-                                          attn_layer=attn,
-                                          strides=2 if stage > 0 and i == 0 else 1))
-                names.append(name)
-                in_features = features * block.expansion
-        self.block_names = tuple(names)
-        self.fc = nnx.Linear(in_features, num_classes, kernel_init=fc_init, rngs=rngs, **dtypes)
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+                 fused: bool = True, rngs: nnx.Rngs):
+        ops.reference.check_features(in_features, "CBAMResNet")
+        self.stage_sizes, self.stem = tuple(stage_sizes), stem
+        make = NNXLayers(rngs, dtype, param_dtype, fused, attn_layer)
+        _set_layers(self, resnet.resnet_layers(make, stage_sizes, block, num_classes, stem,
+                                               in_features))
 
     def __call__(self, x):
-        check_resnet_input(x, self.stem)
-        x = nnx.relu(self.bn1(self.conv1(x)))
-        if self.stem == "imagenet":
-            x = imagenet_stem_pool(x)
-        for name in self.block_names:
-            x = getattr(self, name)(x)
-        return self.fc(x.mean(axis=(1, 2))).astype(jnp.float32)
+        return resnet.resnet_forward(vars(self), x, modal, self.stage_sizes, self.stem)
 
 
 def _resnet(stage_sizes, block, num_classes, cbam_preset, **kwargs) -> CBAMResNet:

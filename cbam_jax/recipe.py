@@ -7,6 +7,7 @@ imports only the standard library: `python scripts/train.py --help` answers with
 import argparse
 import dataclasses
 import math
+import os
 from typing import Any, Callable
 
 from cbam_jax.registry import MODEL_NAMES
@@ -14,7 +15,16 @@ from cbam_jax.registry import MODEL_NAMES
 DATASETS = ("auto", "cifar10", "digits")
 DTYPES = ("float32", "bfloat16")  # compute dtypes; cbam_jax.train maps them to jnp dtypes
 DEFAULT_RUN_DIR = "runs/CBAM_CNN_experiment"  # the tutorial's, suffixed _1, _2, ... when taken
-RUN_RECORD = "run.json"  # a run's settings, written when it starts: what --resume checks
+DEFAULT_DATA_DIR = "./data"  # where CIFAR-10 is looked for and downloaded
+RUN_RECORD = "run.json"  # a run's settings, written when it starts: what --resume continues
+DEBUG_ENV = "CBAM_JAX_DEBUG"  # set to 1: tracebacks and orbax's own reports, not one error line
+DEBUG_HELP = (f"An error is one line starting 'error:' and a non-zero exit status; {DEBUG_ENV}=1 "
+              f"in the environment shows the full traceback (and orbax's own reports) instead.")
+
+
+def debugging() -> bool:
+    """Whether the environment asks for full tracebacks (DEBUG_ENV set, not to 0)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,23 +105,40 @@ class TrainConfig:
                 field.metadata["check"](field.name, value)
 
 
-# Settings whose change would make a resumed run differ from an uninterrupted one.
-RESUME_KEYS = ("batch_size", "learning_rate", "seed", "dtype", "model")
+# Settings whose change would make a resumed run differ from an uninterrupted one: the numbers
+# (batch, learning rate, seed, dtype, model) and the compiled calls that compute them (steps per
+# call; the cadences, whose histogram batches split an epoch's calls). `epochs` may only grow.
+RESUME_KEYS = ("batch_size", "learning_rate", "seed", "dtype", "model", "steps_per_call",
+               "log_every", "hist_every")
 
 
-def _flag(field: dataclasses.Field) -> str:
-    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
+def cadence_in_epoch(every: int, num_batches: int) -> int:
+    """Batches between two records of a per-batch cadence (`log_every`, `hist_every`), counted
+    within the epoch as the tutorial counts them: the cadence itself, or the epoch's length when
+    an epoch has fewer batches, so that every epoch records at least its last batch. CIFAR-10's
+    782 batches of 64 keep the tutorial's 100 and 500."""
+    return min(every, num_batches)
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a setting: a TrainConfig field's (`--lr` for learning_rate),
+    else `--the-name`."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    return (name in fields and fields[name].metadata["flag"]) or "--" + name.replace("_", "-")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (those with a flag), with its default, check and help."""
+    """One flag per TrainConfig field (those with a flag), with its default, check and help.
+    Each help text states its default once (`%(default)s`, or in words where None means
+    automatic): use argparse's plain HelpFormatter, which adds none of its own."""
     for field in dataclasses.fields(TrainConfig):
         if field.metadata["flag"] is None:
             continue
         check: Check = field.metadata["check"]
         kwargs = dict(choices=check.choices) if check.choices else dict(type=check.parse)
-        parser.add_argument(_flag(field), dest=field.name, default=field.default,
-                            help=field.metadata["help"], **kwargs)
+        default = "" if field.default is None else " (default: %(default)s)"
+        parser.add_argument(flag_of(field.name), dest=field.name, default=field.default,
+                            help=field.metadata["help"] + default, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -122,13 +149,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     """How the scripts that use a trained model (evaluate, predict, export) name it: CHECKPOINT,
-    --which and --dataset, the arguments of `cbam_jax.inference.load_checkpoint`."""
+    --which and --dataset, the arguments of `cbam_jax.inference.load_checkpoint`. The help
+    texts state their defaults (for argparse's plain HelpFormatter)."""
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="a run directory, its checkpoints/ (or best/, latest/, one step "
                              "directory in them), or a tutorial .pth (needs torch)")
     parser.add_argument("--which", choices=("best", "latest"), default="best",
                         help="which checkpoint of a run directory: the best test accuracy, or "
-                             "the last epoch")
+                             "the last epoch (default: %(default)s)")
     parser.add_argument("--dataset", choices=[d for d in DATASETS if d != "auto"], default=None,
                         help="for a .pth outside a run directory: the data set it was trained "
-                             "on (default: cifar10, the tutorial's)")
+                             "on; none given: cifar10, the tutorial's")

@@ -29,10 +29,11 @@ def create_model(name: str, num_classes: int = 10, dtype: Any = None, **override
 
 @functools.lru_cache(maxsize=None)
 def attention_layer(preset: str) -> Callable[..., Any]:
-    """A factory of the CBAM preset `preset` ('tutorial', 'official', 'timm'): called with a
-    module's own keywords (dtype, name, ...), it returns that CBAM. One object per preset, so
-    that models built with the same preset compare (and hash, for jit) equal."""
-    from cbam_jax.layers import CBAM, CBAM_PRESETS
+    """A factory of the Linen CBAM preset `preset` ('tutorial', 'official', 'timm'): called
+    with a module's own keywords (dtype, fused, name, ...), it returns that CBAM. One object per
+    preset, so that models built with the same preset compare (and hash, for jit) equal."""
+    from cbam_jax.layers import CBAM
+    from cbam_jax.options import CBAM_PRESETS
 
     if preset not in CBAM_PRESETS:
         raise ValueError(f"unknown CBAM preset {preset!r}: expected one of "

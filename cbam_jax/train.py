@@ -17,7 +17,6 @@ the batch is large enough that 2 steps' temporaries would outgrow glibc's thread
 """
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -31,12 +30,12 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from cbam_jax import distributed
+from cbam_jax import distributed, rundir
 from cbam_jax.augment import augment, normalize
 from cbam_jax.data import IMAGE_SHAPE
 from cbam_jax.inference import attention_maps
 from cbam_jax.loader import DeviceData, place_data
-from cbam_jax.recipe import RESUME_KEYS, RUN_RECORD, TrainConfig
+from cbam_jax.recipe import RUN_RECORD, TrainConfig, cadence_in_epoch
 from cbam_jax.registry import create_model
 from cbam_jax.schedule import PlateauState, tutorial_plateau
 
@@ -352,8 +351,16 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf; the run stopped before checkpointing that state."""
 
 
-class ResumeMismatchError(ValueError):
-    """A resumed run was given settings that would make it differ from the interrupted one."""
+class StorageError(OSError):
+    """A file of the run could not be written (disk full, permission denied): the message
+    names it, the cause, and the checkpoints that are kept."""
+
+    @classmethod
+    def of(cls, error: OSError, kept: str) -> "StorageError":
+        where = f" {error.filename}" if error.filename else ""
+        storage_error = cls(f"cannot write{where}: {error.strerror or error}. {kept}")
+        storage_error.errno = error.errno
+        return storage_error
 
 
 class EpochObserver:
@@ -379,21 +386,24 @@ def train_epoch(state: TrainState, data: DeviceData, epoch: int, config: TrainCo
 
     Reads the on-device record every `config.log_every` batches, whenever `observer.read_due()`,
     and at the end; each read checks for a non-finite loss (NonFiniteLossError names the step).
+    Histograms come every `config.hist_every` batches; both cadences count within the epoch, at
+    least once per epoch (`recipe.cadence_in_epoch`).
     """
     num_batches = data.num_train_batches
     per_call = steps_per_call(config, data)
+    log_every = cadence_in_epoch(config.log_every, num_batches)
+    hist_every = cadence_in_epoch(config.hist_every, num_batches)
     record = new_epoch_record(state.rng, np.int32(epoch), data.num_train, num_batches)
     if data.batch_sharding is not None:  # where the step returns it, so that no call recompiles
         record = distributed.put_replicated(record, data.batch_sharding.mesh)
     read_until = 0
-    for call in epoch_plan(data.num_train, data.batch_size, per_call, config.hist_every,
-                           rolled_loops()):
+    for call in epoch_plan(data.num_train, data.batch_size, per_call, hist_every, rolled_loops()):
         state, record, grads = train_batches(state, record, data, np.int32(call.first),
                                              np.int32(call.count), shape=call.shape)
         if grads is not None:
             observer.histograms(epoch * num_batches + call.first, state.params, grads)
         done = call.first + call.count
-        if (done == num_batches or done // config.log_every > read_until // config.log_every
+        if (done == num_batches or done // log_every > read_until // log_every
                 or observer.read_due()):
             losses, correct, first_bad = jax.device_get(
                 (record.loss, record.correct, record.first_nonfinite_step))
@@ -456,26 +466,35 @@ class FitResult:
 
 
 def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: bool = False,
-        mesh=None, log: Callable[[str], None] = print, progress_stream=None) -> FitResult:
+        mesh=None, data_dir=None, allow_device_change: bool = False,
+        log: Callable[[str], None] = print, progress_stream=None) -> FitResult:
     """The tutorial's training run: epochs of training then evaluation, the plateau schedule on
     the test loss, TensorBoard, plots and checkpoints in `run_dir`; the parameter table, progress
     and a line per epoch through `log` and `progress_stream` (default stdout).
 
-    `resume` continues from the latest checkpoint (from the start if the run was stopped before
-    its first one) to exactly the result of an uninterrupted run on the same devices; settings
-    that would change the result are refused before anything is built. `mesh` (default: every
-    device of every process, cbam_jax.distributed.make_mesh) splits each batch over its devices;
-    only the primary process logs, writes TensorBoard files and plots.
+    A new run needs a new or empty `run_dir` (`rundir.check_unused`); its settings, the data
+    set, `data_dir` (where it was read from) and the devices are recorded in run.json. `resume`
+    continues from the latest checkpoint (from the start if the run was stopped before its first
+    one) to exactly the result of an uninterrupted run on the same devices; settings that would
+    change the result, or another device count unless `allow_device_change`, are refused before
+    anything is built (`rundir.check_resume`). `mesh` (default: every device of every process,
+    cbam_jax.distributed.make_mesh) splits each batch over its devices; only the primary process
+    logs, writes TensorBoard files and plots. The caller owns `run_dir` (the command line locks
+    it: `rundir.claim`). A file that cannot be written (disk full, permission denied) stops the
+    run with a StorageError naming it, the cause and the checkpoints kept.
     """
     from cbam_jax.checkpoint import Checkpoints  # orbax, tensorboardX, matplotlib: train extras
     from cbam_jax.logbook import EpochReporter, Logbook, plot_run
 
     run_dir = Path(run_dir)
     checkpoints = Checkpoints(Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoints")
-    if resume:  # refuse a mismatch before any model is built
-        _check_resumable(config, dataset.name, run_dir, checkpoints)
     mesh = mesh if mesh is not None else distributed.make_mesh()
     primary = distributed.is_primary_process()
+    if resume:  # refuse a mismatch before any model is built
+        _check_resumable(config, dataset.name, run_dir, checkpoints, mesh.size,
+                         allow_device_change, data_dir)
+    elif primary:  # a new run's history never mixes with an old one's
+        rundir.check_unused(run_dir, checkpoint_dir)
     if not primary:
         log, progress_stream = (lambda *_: None), open(os.devnull, "w")
 
@@ -485,18 +504,21 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
     start_epoch, best_test_acc = 0, -1.0
     shown = np.asarray(dataset.test_images[:config.num_attention_images], np.uint8)
     maps = None  # the attention maps of the last finished epoch, for the figures
-    if resume and checkpoints.latest_epoch() is not None:
-        state, meta = checkpoints.restore_latest(state)
+    restored = checkpoints.resume(state, log) if resume else None
+    if restored is not None:  # the epoch actually restored sets everything that follows
+        state, meta = restored.state, restored.meta
         plateau, history = PlateauState(**meta["plateau"]), History(**meta["history"])
         start_epoch, best_test_acc = meta["epoch"], meta["best_test_acc"]
         # The figures are drawn even if no epoch is left (a kill while they were drawn).
         maps = _attention_maps(state, shown)
-        log(f"Resuming from {checkpoints.directory} after epoch {start_epoch} (step "
+        log(f"Resuming from {restored.step_dir} after epoch {start_epoch} (step "
             f"{int(state.step)}, lr {plateau.lr:.3g})")
     elif resume:
         log(f"No checkpoint in {checkpoints.directory} yet: starting {run_dir} from epoch 1")
     elif primary:
-        _write_run_record(run_dir, config, dataset.name, mesh.size)
+        rundir.write_record(run_dir, rundir.new_record(
+            dataclasses.asdict(config), dataset.name, devices=mesh.size,
+            processes=jax.process_count(), data_dir=data_dir, checkpoint_dir=checkpoint_dir))
 
     book = None
     if primary:  # on resume, the logbook drops what the killed run wrote after its checkpoint
@@ -508,6 +530,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
                 "steps_per_call": steps_per_call(config, data),
                 "device": str(jax.devices()[0]), "devices": mesh.size,
                 "processes": jax.process_count(), "scheduler": repr(tutorial_plateau())})
+    completed = False
     try:
         for epoch in range(start_epoch, config.epochs):
             note = (f"The last good checkpoint (epoch {epoch}) is in {checkpoints.directory}."
@@ -528,14 +551,27 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
                 "plateau": plateau._asdict(), "history": dataclasses.asdict(history),
                 "best_test_acc": best_test_acc}, is_best=is_best)
             log(_epoch_line(result, config.epochs, plateau.lr))
+        completed = True
+    except OSError as e:  # disk full, permission denied: one error that says what is kept
+        raise StorageError.of(e, _kept(checkpoints)) from e  # the cause, for CBAM_JAX_DEBUG=1
     finally:  # also after a failure or Ctrl-C: the figures of the epochs that finished
-        if book is not None:
-            book.close()
         checkpoints.close()  # orbax saves collectively: process 0 writes the replicated state
-        if maps is not None and primary:  # the last finished epoch's maps
-            plot_run(run_dir, history, shown, maps, dataset.class_names,
-                     [int(x) for x in dataset.test_labels[:len(shown)]])
+        try:
+            if book is not None:
+                book.close()
+            if maps is not None and primary:  # the last finished epoch's maps
+                plot_run(run_dir, history, shown, maps, dataset.class_names,
+                         [int(x) for x in dataset.test_labels[:len(shown)]])
+        except OSError as e:  # after a failure, most likely the same full disk: that one tells
+            if completed:
+                raise StorageError.of(e, _kept(checkpoints)) from e
     return FitResult(state, history, run_dir, len(history.test_acc))
+
+
+def _kept(checkpoints) -> str:
+    kept = checkpoints.committed()
+    return (f"Kept in {checkpoints.directory}: {', '.join(kept)}." if kept
+            else "No checkpoint was written.")
 
 
 def _attention_maps(state: TrainState, images) -> list[np.ndarray]:
@@ -543,35 +579,25 @@ def _attention_maps(state: TrainState, images) -> list[np.ndarray]:
     return [np.asarray(m) for m in attention_maps(state, images)]
 
 
-def _check_resumable(config: TrainConfig, dataset_name: str, run_dir: Path, checkpoints) -> None:
-    """Refuse a resume that could not continue the run exactly, before anything is built."""
-    record_path = run_dir / RUN_RECORD
-    if record_path.is_file():
-        saved = json.loads(record_path.read_text())
-    elif checkpoints.latest_epoch() is not None:  # a run from before run.json existed
-        saved = checkpoints.latest_meta()
-    elif distributed.is_primary_process():
+def _check_resumable(config: TrainConfig, dataset_name: str, run_dir: Path, checkpoints,
+                     devices: int, allow_device_change: bool, data_dir) -> None:
+    """Refuse a resume that could not continue the run exactly, before anything is built. What
+    a resume may change is recorded (`rundir.continued_record`), for the next one."""
+    record = saved = rundir.read_record(run_dir)
+    if saved is None and checkpoints.latest_epoch() is not None:
+        saved = checkpoints.latest_meta()  # a run from before run.json existed
+    if saved is None:
+        if not distributed.is_primary_process():  # run_dir may be process 0's own disk
+            return
         raise FileNotFoundError(f"no checkpoint to resume from in {checkpoints.directory}, and "
                                 f"{run_dir} holds no run record ({RUN_RECORD}): nothing to resume")
-    else:  # run_dir may be process 0's own disk; process 0 checks it
-        return
-    changed = {k: (saved["config"][k], getattr(config, k)) for k in RESUME_KEYS
-               if saved["config"][k] != getattr(config, k)}
-    if saved["dataset"] != dataset_name:
-        changed["dataset"] = (saved["dataset"], dataset_name)
-    if changed:
-        raise ResumeMismatchError(
-            "cannot resume with different settings (saved, given): "
-            + ", ".join(f"{k}: {v[0]!r} != {v[1]!r}" for k, v in changed.items()))
-
-
-def _write_run_record(run_dir: Path, config: TrainConfig, dataset_name: str,
-                      devices: int) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RUN_RECORD + ".tmp")
-    tmp.write_text(json.dumps({"config": dataclasses.asdict(config), "dataset": dataset_name,
-                               "devices": devices}, indent=1) + "\n")
-    os.replace(tmp, run_dir / RUN_RECORD)  # a kill leaves the old record or the new one
+    rundir.check_resume(saved, {**dataclasses.asdict(config), "dataset": dataset_name,
+                                "devices": devices, "checkpoint_dir": checkpoints.directory},
+                        run_dir, allow_device_change=allow_device_change)
+    if record is not None and distributed.is_primary_process():
+        continued = rundir.continued_record(record, epochs=config.epochs, data_dir=data_dir)
+        if continued != record:
+            rundir.write_record(run_dir, continued)
 
 
 def _initial_state(config: TrainConfig, num_classes: int, mesh, log) -> TrainState:

@@ -4,19 +4,23 @@ Both models start from identical weights (random, or a tutorial checkpoint via -
 run of the tutorial's model is the referee. The report covers eval and train forward passes
 layer by layer and as the fused ops training runs (logits, BatchNorm buffers), then 5 Adam steps
 of the engine (gradients of every parameter, updates, BatchNorm buffers, logits). Exits 1 if any
-comparison fails.
+comparison fails (or torch is not installed), 2 if the flags or the --pth cannot be used.
 """
 import argparse
 import sys
 
-import jax
-
-from parity.controls import NEGATIVE_CONTROLS
-from parity.convert import flax_to_torch, load_pth, save_pth
-from parity.report import format_table, random_state_dict, run_report
+from cbam_jax.cli import command, require
 
 
+@command
 def main(argv=None) -> int:
+    require("torch")  # before anything imports it: one line naming the extra, not a traceback
+    import jax
+
+    from parity.controls import NEGATIVE_CONTROLS
+    from parity.convert import flax_to_torch, load_pth, save_pth
+    from parity.report import format_table, random_state_dict, run_report
+
     parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="weights (without --pth) and batches")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -36,8 +40,12 @@ def main(argv=None) -> int:
         parser.error(f"--batch-size must be >= 2, got {args.batch_size}")
 
     # Through the converter, so a checkpoint of another model fails with its key report.
-    state_dict = (flax_to_torch(load_pth(args.pth)) if args.pth
-                  else random_state_dict(args.seed))
+    try:
+        state_dict = (flax_to_torch(load_pth(args.pth)) if args.pth
+                      else random_state_dict(args.seed))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: --pth: {e}", file=sys.stderr)
+        return 2
     print(f"start: {args.pth or f'random weights, seed {args.seed}'}; batch size "
           f"{args.batch_size}; float32 (no TF32), JAX on {jax.default_backend()}, PyTorch on "
           f"{args.device}; judged against float64"

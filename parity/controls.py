@@ -13,15 +13,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cbam_jax import ops
-from cbam_jax.layers import CBAM, BatchNorm
+from cbam_jax.layers import BatchNorm
+from cbam_jax.models import CBAM
+from cbam_jax.ops import fused, reference
 from parity import convert
 
 
 # The originals, taken before any control patches them (a patched name would call itself).
 _torch_to_flax_array = convert._torch_to_flax_array
-_batch_norm_train = ops.batch_norm_train
-_updated_running = ops._updated_running
+_updated_running = reference.updated_running
+_max_pool_2x2 = reference.max_pool_2x2
 
 
 def _fc1_unpermuted(kind, a):
@@ -31,9 +32,9 @@ def _fc1_unpermuted(kind, a):
 
 
 def _biased_running_update(running, mean, var, n, momentum):
-    """BatchNorm's running-statistics update (every BatchNorm goes through it, the fused
-    conv blocks' included) fed the batch variance scaled by (n - 1) / n: the running variance
-    then follows the biased batch variance, as flax.linen.BatchNorm's does. Normalisation is
+    """BatchNorm's running-statistics update (every BatchNorm goes through it, reference and
+    fused alike) fed the batch variance scaled by (n - 1) / n: the running variance then
+    follows the biased batch variance, as flax.linen.BatchNorm's does. Normalisation is
     unchanged."""
     return _updated_running(running, mean, var * ((n - 1) / n), n, momentum)
 
@@ -56,29 +57,45 @@ def _adam_without_bias_correction(learning_rate: float) -> optax.GradientTransfo
     return optax.GradientTransformation(init, update)
 
 
-def _every_maximum(quadrants, maxima, taken):
-    """ops._first_maxima's signature, but every element equal to its window's max takes the
-    whole window's gradient, not the first one only."""
-    return [(q == maxima) & ~taken for q in quadrants]
+@jax.custom_vjp
+def _max_pool_to_every_maximum(x):
+    """reference.max_pool_2x2, but every element equal to its window's max takes the whole
+    window's gradient, not the first one only."""
+    return _max_pool_2x2(x)
 
 
-# The max-pool with that routing, and CBAMCNN's fused BatchNorm + ReLU + max-pool (float32
-# training of its blocks) as BatchNorm, ReLU and that max-pool: the fused op's backward assumes
-# one element per window takes the gradient.
-_max_pool_2x2 = jax.custom_vjp(lambda x: ops._windows(x).max(axis=(2, 4)))
-_max_pool_2x2.defvjp(ops._max_pool_fwd,
-                     lambda r, g: ops._max_pool_backward(r, g, _every_maximum))
+def _every_maximum_fwd(x):
+    y = _max_pool_2x2(x)
+    return y, (x, y)
+
+
+def _every_maximum_bwd(residuals, g):
+    x, y = residuals
+    b, h, w, c = x.shape
+    up = lambda a: jnp.repeat(jnp.repeat(a, 2, axis=1), 2, axis=2)  # each window's value, 2x2
+    hit = x[:, :h // 2 * 2, :w // 2 * 2] == up(y)
+    g_x = jnp.where(hit, up(g), jnp.zeros((), g.dtype))
+    return (jnp.pad(g_x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+_max_pool_to_every_maximum.defvjp(_every_maximum_fwd, _every_maximum_bwd)
 
 
 def _batch_norm_relu_pool_train(x, scale, bias, epsilon):
-    y, mean, var = _batch_norm_train(x, scale, bias, epsilon)
-    return _max_pool_2x2(jax.nn.relu(y)), mean, var
+    """CBAMCNN's fused BatchNorm + ReLU + max-pool (float32 training of its blocks) as
+    BatchNorm, ReLU and that max-pool: the fused op's backward assumes one element per window
+    takes the gradient."""
+    y, mean, var = fused.batch_norm_train(x, scale, bias, epsilon)
+    return _max_pool_to_every_maximum(jax.nn.relu(y)), mean, var
 
 
 @contextlib.contextmanager
 def _gradient_to_every_maximum():
-    with mock.patch("cbam_jax.ops.max_pool_2x2", _max_pool_2x2), \
-            mock.patch("cbam_jax.ops.batch_norm_relu_pool_train", _batch_norm_relu_pool_train):
+    """Every max-pool of both paths: the reference's, and the fused blocks' ops."""
+    with mock.patch("cbam_jax.ops.reference.max_pool_2x2", _max_pool_to_every_maximum), \
+            mock.patch("cbam_jax.ops.fused.max_pool_2x2", _max_pool_to_every_maximum), \
+            mock.patch("cbam_jax.ops.fused.batch_norm_relu_pool_train",
+                       _batch_norm_relu_pool_train):
         yield
 
 
@@ -89,13 +106,13 @@ NEGATIVE_CONTROLS = {
         lambda: mock.patch("parity.convert._torch_to_flax_array", _fc1_unpermuted)),
     "flax-running-variance": (
         "BatchNorm: running_var updated with the biased batch variance, as Flax's does",
-        lambda: mock.patch("cbam_jax.ops._updated_running", _biased_running_update)),
+        lambda: mock.patch("cbam_jax.ops.reference.updated_running", _biased_running_update)),
     "adam-no-bias-correction": (
         "optimizer: Adam without bias correction",
         lambda: mock.patch("parity.report.make_optimizer", _adam_without_bias_correction)),
     "batchnorm-momentum-0.9": (
         "BatchNorm: momentum 0.9 (Flax's convention) where PyTorch's is 0.1",
-        lambda: mock.patch("cbam_jax.models.BatchNorm",
+        lambda: mock.patch("cbam_jax.layers.BatchNorm",
                            functools.partial(BatchNorm, momentum=0.9))),
     "spatial-gate-max-avg": (
         "spatial gate: its conv reads the [max, avg] maps where the tutorial has [avg, max]",

@@ -7,6 +7,8 @@ Every conversion is a transpose or a reshape of float32 data, so the round trip 
 """
 import dataclasses
 import functools
+import pickle
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -91,22 +93,28 @@ def _layout() -> "OrderedDict[str, _Leaf]":
     return OrderedDict((name, flax_leaves[name]) for name in torch_shapes)
 
 
+_KEYS_SHOWN = 6  # per kind of mismatch: another network's state_dict has hundreds of keys
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:_KEYS_SHOWN])
+    return shown if len(items) <= _KEYS_SHOWN else f"{shown} and {len(items) - _KEYS_SHOWN} more"
+
+
 def _check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
                 what: str) -> None:
-    """Raise like PyTorch's strict `load_state_dict`: missing, unexpected and misshaped keys."""
+    """Raise like PyTorch's strict `load_state_dict`: missing, unexpected and misshaped keys,
+    in one line."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     misshaped = [f"{k}: got shape {list(found[k])}, expected {list(expected[k])}"
                  for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
     if missing or unexpected or misshaped:
-        lines = [f"{what} does not match the tutorial's CBAM_CNN / cbam_jax.CBAMCNN:"]
-        if missing:
-            lines.append(f"  missing keys: {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys: {', '.join(unexpected)}")
-        if misshaped:
-            lines.append("  misshaped keys:\n    " + "\n    ".join(misshaped))
-        raise ValueError("\n".join(lines))
+        parts = [f"{name} keys: {_listed(keys)}" for name, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped))
+                 if keys]
+        raise ValueError(f"{what} does not match the tutorial's CBAM_CNN / cbam_jax.CBAMCNN: "
+                         + "; ".join(parts))
 
 
 def _as_numpy(value) -> np.ndarray:
@@ -165,10 +173,57 @@ def save_pth(variables: Mapping, path) -> None:
     torch.save(flax_to_torch(variables), path)
 
 
+EXPECTED_PTH = ("expected a state_dict of the tutorial's CBAM_CNN, saved with "
+                "torch.save(model.state_dict(), path)")
+
+
 def load_pth(path) -> dict:
-    """Read a tutorial `.pth` state_dict into CBAMCNN variables."""
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    return torch_to_flax(state_dict)
+    """Read a tutorial `.pth` state_dict into CBAMCNN variables.
+
+    Only tensors are read (`torch.load(weights_only=True)`): a file that holds other pickled
+    objects (a whole model, or a pickle made to run code) is refused, never unpickled. Anything
+    that is not the tutorial's state_dict raises ValueError in one line that says what the file
+    holds and what was expected; a missing file raises FileNotFoundError.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file; {EXPECTED_PTH}")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file; {EXPECTED_PTH}")
+    try:
+        with warnings.catch_warnings():  # torch's notes on the pickle protocol of old files
+            warnings.simplefilter("ignore")
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e}); {EXPECTED_PTH}") from None
+    except Exception as e:  # torch.load raises a different type for each kind of bad file
+        raise ValueError(f"{path}: {_unreadable(path, e)}; {EXPECTED_PTH}") from None
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{path}: holds a {type(state_dict).__name__}, not a state_dict; "
+                         f"{EXPECTED_PTH}")
+    try:
+        return torch_to_flax(state_dict)
+    except (ValueError, TypeError) as e:  # the key report; values that are not numbers
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """What a file that `torch.load(weights_only=True)` refused holds, in words. Torch's own
+    message is not passed on: it suggests weights_only=False, which would run the pickle."""
+    if path.stat().st_size == 0:
+        return "an empty file"
+    try:  # the globals a zip-format checkpoint's pickle refers to, read without running it
+        unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not torch's zip format (or an older torch): say less
+        unsafe = []
+    if unsafe:
+        return (f"holds pickled Python objects besides tensors ({_listed(unsafe)}), e.g. a "
+                f"whole model saved with torch.save(model); they are not loaded, as unpickling "
+                f"them could run any code")
+    if isinstance(error, pickle.UnpicklingError):
+        return ("not a plain state_dict of tensors: torch.load(weights_only=True) refuses what "
+                "it holds (pickled Python objects could run any code) or cannot decode it")
+    return f"not a file that torch.save wrote, or a damaged one ({type(error).__name__})"
 
 
 def load_checkpoint(path, *, dataset: str | None = None, **kwargs) -> inference.TrainedModel:

@@ -146,8 +146,8 @@ def stop_torch_gradients(tensors: dict, masks: dict[str, np.ndarray]) -> None:
 
 
 def flax_masks(masks: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """The masks for cbam_jax.CBAMCNN (NHWC), keyed by Flax module path and 'input'/'output':
-    what stop_flax_gradients applies."""
+    """The masks for cbam_jax.CBAMCNN(fused=False) (NHWC), keyed by Flax module path and
+    'input'/'output': what stop_flax_gradients applies."""
     nhwc = lambda m: m.transpose(0, 2, 3, 1)
     flax = {}
     for i in BLOCKS:
@@ -167,8 +167,10 @@ def stop_flax_gradients(masks: dict[str, dict[str, jax.Array]]):
     """A Flax method interceptor (use under `nn.intercept_methods`) that stops the gradient at
     the masked elements of the named modules' inputs or outputs (flax_masks), values unchanged.
 
-    It works on any code that applies the model inside it, the engine's train.adam_step
-    included; the masks may be traced arrays, so one compiled step serves every batch.
+    The model must run its reference path (`CBAMCNN(fused=False)`), whose every layer is a
+    module call; the fused path's blocks and CBAMs are single ops with no such call inside. It
+    works on any code that applies the model inside it, the engine's train.adam_step included;
+    the masks may be traced arrays, so one compiled step serves every batch.
     """
     def stop(value, mask):
         return jnp.where(mask, jax.lax.stop_gradient(value), value)

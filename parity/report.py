@@ -12,6 +12,11 @@ Gradients are discontinuous at ReLU zeros and max ties; the kinks that float32 c
 left out of every gradient alike (parity.kinks), so no verdict depends on which side of one
 either framework lands.
 
+JAX runs CBAMCNN twice: `fused=False` (cbam_jax.ops.reference, layer by layer) for the rows of
+each layer's output and for the Adam steps, whose gradients parity.kinks stops at module calls,
+and `fused=True` (cbam_jax.ops.fused, what training, evaluation and export run) for the rows
+marked "fused": its logits and BatchNorm buffers.
+
 The Adam steps run the engine's own train.adam_step. Each step is judged from the state JAX had
 before it (both PyTorch runs start there too): the gradients, the update given those gradients,
 the BatchNorm buffers and the logits. Errors thus do not compound over steps, and a gradient
@@ -280,10 +285,10 @@ def torch_adam_update(params, grads, exp_avg, exp_avg_sq, count: int, learning_r
 # --- the JAX side -----------------------------------------------------------------------------
 
 def engine(learning_rate: float):
-    """The engine's train state and its Adam step (train.adam_step, jitted; dropout off), the
-    gradient stopped at the given kinks: (init(variables) -> state, step(state, x, labels, masks)
-    -> (state, loss, logits, grads))."""
-    model = CBAMCNN(dropout_rate=0.0)
+    """The engine's train state and its Adam step (train.adam_step, jitted; dropout off) on the
+    reference path, the gradient stopped at the given kinks: (init(variables) -> state,
+    step(state, x, labels, masks) -> (state, loss, logits, grads))."""
+    model = CBAMCNN(dropout_rate=0.0, fused=False)  # its layers' calls: where kinks stop
     tx = make_optimizer(learning_rate)
     no_dropout = jax.random.key(0)  # dropout_rate=0: the key is never used
 
@@ -303,7 +308,8 @@ def engine(learning_rate: float):
 
 @dataclasses.dataclass(frozen=True)
 class JaxPrograms:
-    forward: Callable  # (variables, x NHWC, train) -> (outputs, {'intermediates', 'batch_stats'})
+    forward: Callable  # reference path: (variables, x NHWC, train) -> (outputs,
+    #                    {'intermediates', 'batch_stats'})
     fused: Callable  # (variables, x NHWC, train) -> (logits, {'batch_stats'}): as training runs
     init: Callable  # see engine
     step: Callable
@@ -314,13 +320,13 @@ def jax_programs(learning_rate: float, negative_control: str | None) -> JaxProgr
     """The JAX functions the report runs, jitted once per process: repeated reports (tests, the
     sweep) reuse the compiled code. Programs are traced under the negative control they are
     asked for (parity.controls), so a control never runs a correct program or the reverse."""
-    model = CBAMCNN(dropout_rate=0.0)
-    forward = jax.jit(functools.partial(model.apply, capture_intermediates=True,
+    # The reference path records every layer's output; the fused path is what training,
+    # evaluation and export run.
+    reference = CBAMCNN(dropout_rate=0.0, fused=False)
+    forward = jax.jit(functools.partial(reference.apply, capture_intermediates=True,
                                         mutable=["intermediates", "batch_stats"]),
                       static_argnames="train")
-    # Recording outputs makes the model run layer by layer (cbam_jax.layers.layer_by_layer);
-    # a plain apply runs the fused ops that training, evaluation and export run.
-    fused = jax.jit(functools.partial(model.apply, mutable=["batch_stats"]),
+    fused = jax.jit(functools.partial(CBAMCNN(dropout_rate=0.0).apply, mutable=["batch_stats"]),
                     static_argnames="train")
     return JaxPrograms(forward, fused, *engine(learning_rate))
 

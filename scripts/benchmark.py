@@ -46,12 +46,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cbam_jax import distributed, ops, runtime, train
+from cbam_jax import distributed, runtime, train
 from cbam_jax import nnx as cbam_nnx
 from cbam_jax.augment import augment, normalize
 from cbam_jax.data import IMAGE_SHAPE, Dataset
 from cbam_jax.layers import CBAM
 from cbam_jax.loader import place_data
+from cbam_jax.ops import fused as ops
 
 SECTIONS = ("step", "eval", "augment", "epoch", "nnx")
 # What --without / --ablate can leave out: runtime.configure_cpu's settings, one device per core
@@ -132,7 +133,7 @@ class Timings:
     cpu_seconds: dict = dataclasses.field(default_factory=dict)     # this process, timed reps
     wall_seconds: dict = dataclasses.field(default_factory=dict)    # the same reps, wall clock
     # This process's minor page faults in the timed reps: a process whose allocator maps its
-    # buffers anew each call shows it here (docs/benchmarks.md, "Fifth session").
+    # buffers anew each call shows it here (runtime.keep_freed_memory; docs/benchmarks.md).
     minor_faults: dict = dataclasses.field(default_factory=dict)
     load_average: tuple = ()  # the 1-minute load average before and after
     errors: dict = dataclasses.field(default_factory=dict)  # contenders whose warm-up failed
@@ -871,9 +872,9 @@ def across_processes(argv: list, processes: int, out: Path, ablate: str | None =
     report to `<out>/process_<i>/`, and gather every table's ratios per process. With `ablate`,
     every second process runs `--without ablate` (the first with it, the second without, ...).
 
-    Why: on the project's 2-core VM `torch.compile`'s eval moved by up to 1.6x from one process
-    to the next, with the same code and input (docs/benchmarks.md), so the ratios of one run
-    are one draw from that spread; their median over processes is a steadier figure.
+    Why: on a 2-core CPU `torch.compile`'s eval moved by up to 1.6x from one process to the
+    next, with the same code and input (docs/benchmarks.md), so the ratios of one run are one
+    draw from that spread; their median over processes is a steadier figure.
     """
     runs = []
     for i in range(processes):

@@ -33,23 +33,9 @@ Outputs, rewritten after every step (a run cut short keeps what it measured), at
 `gpu_check.json` (every figure, the environment, each step's status), `gpu_check.md` (the
 tables, also printed last) and `gpu_check.log` (every step's own output).
 
-On this project's lent H200 (the device tool's README, Notes). Its image has JAX with the
-CUDA 13 plugin, PyTorch, flax, optax, orbax, matplotlib, tqdm and pytest, but not
-tensorboardX, which `train.fit` logs with. Prepare its wheel once per clone, in the checkout
-the session runs the tool from (`.git/info/exclude` is per clone, so it is not in the repo):
-
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
-        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \\
-        --platform manylinux2014_x86_64 -d .whl tensorboardX==2.6.5
-
-then call the tool's `run` with command `bash scripts/gpu_check.sh --out $OUT`, carry
-`[".whl"]` and timeout_s 540, and `give_back` afterwards unless you rerun a step at once
-(within the machine's 30 s warm period, e.g. `--steps recipe`).
-
-The table goes into docs/benchmarks.md, section "GPU": paste gpu_check.md under a heading
-with the card's name as its first line gives it (`### NVIDIA H200 ...`), and write below it
-what the figures show (targets met or not, the profile's top costs if not).
+On a machine without network, put the wheels of any package it lacks into `.whl/` beforehand;
+docs/gpu.md says how, and where the tables go (docs/benchmarks.md, section "GPU", under the
+card's name that is gpu_check.md's first line).
 """
 import argparse
 import dataclasses
@@ -76,8 +62,8 @@ SPEEDUP_TARGET = 50.0
 PREREQUISITES = {
     "jax": "the engine", "jaxlib": "the engine", "flax": "the models", "optax": "Adam",
     "numpy": "arrays", "orbax.checkpoint": "train.fit's checkpoints",
-    "tensorboardX": "train.fit's TensorBoard logs (not on the H200 image: carry its wheel, "
-                    "see this script's docstring)",
+    "tensorboardX": "train.fit's TensorBoard logs (offline: put its wheel in .whl/, see "
+                    "docs/gpu.md)",
     "matplotlib": "train.fit's figures", "tqdm": "train.fit's progress line",
     "torch": "the tutorial's side", "PIL": "the tutorial's transforms", "pytest": "the tests",
 }
@@ -441,7 +427,8 @@ class Step:
 
 
 # Time boxes in seconds (FULL; TINY scales them). No GPU run has sized them yet: they are about
-# twice what each step should need on an H200 by the CPU runs and typical GPU compile times.
+# twice what each step should need on a data-centre GPU, judged from the CPU runs and typical
+# GPU compile times.
 STEPS = (
     Step("prereq", step_prereq, 60, 10),
     # The tests compare with float64/numpy references: JAX's TF32 default would fail them.

@@ -2,8 +2,8 @@
 # The GPU check (scripts/gpu_check.py says what it runs), from the source tree, no install:
 #   bash scripts/gpu_check.sh --out "$OUT"      on a GPU machine (7.5 minutes at most)
 #   bash scripts/gpu_check.sh --tiny --out DIR  every step on CPU, tiny (tests/test_gpu_check.py)
-# Wheels in .whl/ (a package the machine lacks, e.g. tensorboardX on the lent H200) are
-# installed into /tmp/site first, as the device tool's README says.
+# Wheels in .whl/ (packages an offline machine lacks, downloaded beforehand: docs/gpu.md) are
+# installed into /tmp/site first, without an index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

@@ -1,4 +1,5 @@
 """Weight conversion between CBAM_CNN state_dicts and CBAMCNN variables: exact, strict, ordered."""
+import re
 from collections import OrderedDict
 
 import jax
@@ -137,3 +138,96 @@ def test_save_pth_loads_into_cbam_cnn_and_back(tmp_path, jax_variables):
     back = load_pth(path)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(jax_variables)):
         assert np.array_equal(a, b)
+
+
+# --- load_pth: what is not the tutorial's state_dict -----------------------------------------
+
+class _CreatesAFile:
+    """Unpickling this calls open(path, "w"): what a malicious pickle does, harmlessly."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _truncated(path, state_dict):
+    torch.save(state_dict, path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+NOT_A_STATE_DICT = {  # name: (write the file, what the one-line error says)
+    "another network's state_dict": (
+        lambda path, sd: torch.save(torch.nn.Linear(2, 2).state_dict(), path),
+        r"does not match the tutorial's CBAM_CNN / cbam_jax.CBAMCNN: missing keys: conv1\.weight, "
+        r".* and \d+ more; unexpected keys: weight, bias$"),
+    "a training checkpoint around the state_dict": (
+        lambda path, sd: torch.save({"state_dict": sd, "epoch": 3}, path),
+        r"unexpected keys: state_dict, epoch$"),
+    "a whole pickled model": (
+        lambda path, sd: torch.save(CBAM_CNN(), path),
+        r"holds pickled Python objects besides tensors \(.*parity\.reference\.CBAM_CNN.*\), e\.g\. "
+        r"a whole model saved with torch\.save\(model\)"),
+    "a list": (lambda path, sd: torch.save([sd["fc2.bias"]], path), r"holds a list, not a state_dict"),
+    "a tensor": (lambda path, sd: torch.save(sd["fc2.bias"], path), r"holds a Tensor, not a"),
+    "a text file": (lambda path, sd: path.write_text("hello, world\n"),
+                    r"not a file that torch\.save wrote, or a damaged one"),
+    "an empty file": (lambda path, sd: path.write_bytes(b""), r": an empty file; expected"),
+    "a truncated state_dict": (_truncated, r"not a file that torch\.save wrote, or a damaged one"),
+    "a folder": (lambda path, sd: path.mkdir(), r": not a file; expected"),
+    "a malicious pickle": (
+        lambda path, sd: torch.save({"x": _CreatesAFile(path.with_name("ran"))}, path),
+        r"holds pickled Python objects besides tensors \(.*open\).*could run any code"),
+    "a malicious pickle in torch's legacy format": (
+        lambda path, sd: torch.save({"x": _CreatesAFile(path.with_name("ran"))}, path,
+                                    _use_new_zipfile_serialization=False),
+        r"torch\.load\(weights_only=True\) refuses what it holds"),
+}
+
+
+@pytest.mark.parametrize("name", NOT_A_STATE_DICT)
+def test_load_pth_says_in_one_line_what_a_bad_file_holds_and_what_was_expected(
+        name, tmp_path, state_dict):
+    write, says = NOT_A_STATE_DICT[name]
+    path = tmp_path / "model.pth"
+    write(path, state_dict)
+    with pytest.raises(ValueError) as info:
+        load_pth(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and len(message) < 600
+    assert re.search(says, message), message
+    if "does not match" not in message:  # the key report says what was expected itself
+        assert message.endswith("expected a state_dict of the tutorial's CBAM_CNN, saved with "
+                                "torch.save(model.state_dict(), path)")
+    assert "weights_only=False" not in message  # torch's advice would run the pickle
+    assert info.value.__cause__ is None and (info.value.__context__ is None
+                                             or info.value.__suppress_context__)  # no chain
+    assert not (tmp_path / "ran").exists()  # the malicious pickles never ran
+
+
+def test_the_malicious_pickle_runs_when_unpickled_without_weights_only(tmp_path):
+    """The negative control of the test above: the file does run code if fully unpickled."""
+    path = tmp_path / "model.pth"
+    torch.save({"x": _CreatesAFile(tmp_path / "ran")}, path)
+    torch.load(path, weights_only=False)
+    assert (tmp_path / "ran").exists()
+
+
+def test_load_pth_of_a_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth: no such file; expected a "
+                                                "state_dict of the tutorial's CBAM_CNN"):
+        load_pth(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("name", ["a list", "a malicious pickle", "a text file"])
+def test_python_m_parity_says_it_in_one_error_line(name, tmp_path, state_dict, capsys):
+    from parity.__main__ import main
+
+    write, says = NOT_A_STATE_DICT[name]
+    path = tmp_path / "model.pth"
+    write(path, state_dict)
+    assert main(["--pth", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --pth: {path}: ") and err.count("\n") == 1
+    assert re.search(says, err) and not (tmp_path / "ran").exists()

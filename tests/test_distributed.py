@@ -114,7 +114,8 @@ KERNEL_GRADIENT_DOTS = """
     from unittest import mock
     import jax, jax.numpy as jnp
     from jax import lax
-    from cbam_jax import distributed, ops, train
+    from cbam_jax import distributed, train
+    from cbam_jax.ops import fused as ops
 
     mesh = distributed.make_mesh(2)
     model, tx = train.build("float32")

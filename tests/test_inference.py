@@ -9,8 +9,10 @@ the training subprocess 123 s, the evaluate subprocess 16 s, the StableHLO expor
 """
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import jax
@@ -132,6 +134,7 @@ def test_what_is_not_a_checkpoint_gets_a_clear_error(run_dir, tmp_path):
 def test_a_checkpoint_and_the_runs_pth_hold_the_same_model(run_dir, trained):
     from_pth = load_any_checkpoint(run_dir / "digits_cbam_cnn_model.pth")
     assert (trained.dataset, trained.epoch, trained.config.batch_size) == ("digits", 1, 32)
+    assert trained.verified is True and from_pth.verified is None  # its SHA256SUMS held
     assert trained.class_names == tuple("0123456789")
     leaves = jax.tree.leaves((trained.state.params, trained.state.batch_stats))
     pth_leaves = jax.tree.leaves((from_pth.state.params, from_pth.state.batch_stats))
@@ -223,6 +226,145 @@ def test_predict_help_states_the_interpolation():
     assert result.returncode == 0 and "bilinear" in result.stdout
 
 
+# --- images as Pillow opens them: 16 bits, transparency, other modes -------------------------
+
+def _png16(path, array):
+    """A 16-bit PNG of uint16 grey [H, W] or RGB [H, W, 3], which Pillow cannot write itself."""
+    colour_type = 2 if array.ndim == 3 else 0
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in array)
+    header = struct.pack(">IIBBBBB", array.shape[1], array.shape[0], 16, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+# A full-range horizontal gradient, 32x32 (the model's size: the resize keeps every pixel).
+RAMP16 = np.tile(np.linspace(0, 65535, 32).round().astype(np.uint16), (32, 1))
+RAMP8 = (RAMP16 >> 8).astype(np.uint8)
+
+
+def test_a_16_bit_gradient_stays_a_full_range_gradient(tmp_path):
+    Image.fromarray(RAMP8).save(tmp_path / "eight.png")
+    eight = inference.load_image(tmp_path / "eight.png")
+    assert eight[0, 0].tolist() == [0, 0, 0] and eight[0, -1].tolist() == [255, 255, 255]
+    files = {"grey16.png": lambda p: _png16(p, RAMP16),
+             "rgb16.png": lambda p: _png16(p, np.stack([RAMP16] * 3, -1)),
+             "big_endian.tif": lambda p: Image.frombytes(
+                 "I;16B", (32, 32), RAMP16.astype(">u2").tobytes()).save(p),
+             "int32.tif": lambda p: Image.fromarray(RAMP16.astype(np.int32)).save(p)}
+    for name, write in files.items():
+        write(tmp_path / name)
+        with Image.open(tmp_path / name) as image:
+            mode = image.mode
+            clipped = np.asarray(image.convert("RGB"))  # Pillow's own conversion
+        if mode != "RGB":  # the negative control: Pillow clips wide grey to almost white
+            assert mode in ("I;16", "I;16B", "I") and (clipped == 255).mean() > 0.9, name
+        np.testing.assert_array_equal(inference.load_image(tmp_path / name), eight, name)
+
+
+def test_images_with_no_known_range_are_refused(tmp_path):
+    Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(ValueError, match="a 32-bit integer image with values from 70000 to "
+                                         "70000; expected 8-bit or 16-bit"):
+        inference.load_image(tmp_path / "wide.tif")
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="float.tif: a floating-point image"):
+        inference.load_image(tmp_path / "float.tif")
+
+
+def test_transparent_pixels_are_laid_over_white_and_opaque_ones_kept(tmp_path):
+    """Each file: pixel (0, 0) transparent (its hidden colour black or red), the rest opaque."""
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = (10, 200, 30), 255
+    rgba[0, 0] = (0, 0, 0, 0)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    la = np.dstack([np.full((32, 32), 90, np.uint8), np.full((32, 32), 255, np.uint8)])
+    la[0, 0] = (0, 0)
+    Image.fromarray(la).save(tmp_path / "la.png")
+    palette = Image.new("P", (32, 32), 1)
+    palette.putpalette([255, 0, 0, 10, 200, 30])
+    palette.putpixel((0, 0), 0)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    grey16 = np.full((32, 32), 23130, np.uint16)  # 0x5A5A: 90 in 8 bits
+    grey16[0, 0] = 1000
+    Image.fromarray(grey16).save(tmp_path / "grey16.png", transparency=1000)
+    half = rgba.copy()
+    half[0, 0] = (0, 0, 0, 128)  # half transparent black over white: 127
+    Image.fromarray(half).save(tmp_path / "half.png")
+    opaque = {"rgba.png": (10, 200, 30), "la.png": (90,) * 3, "palette.png": (10, 200, 30),
+              "grey16.png": (90,) * 3, "half.png": (10, 200, 30)}
+    for name, colour in opaque.items():
+        image = inference.load_image(tmp_path / name)
+        assert image[5, 5].tolist() == list(colour), name
+        assert image[0, 0].tolist() == ([127] * 3 if name == "half.png" else [255] * 3), name
+    # The negative control: dropping the alpha channel shows the hidden black.
+    assert np.asarray(Image.open(tmp_path / "rgba.png").convert("RGB"))[0, 0].tolist() == [0] * 3
+
+
+def test_bilevel_cmyk_and_grey_images_become_rgb(tmp_path):
+    Image.fromarray(np.eye(32, dtype=bool)).save(tmp_path / "bilevel.png")
+    bilevel = inference.load_image(tmp_path / "bilevel.png")
+    assert bilevel[3, 3].tolist() == [255] * 3 and bilevel[3, 4].tolist() == [0] * 3
+    Image.new("CMYK", (32, 32), (255, 0, 0, 0)).save(tmp_path / "cyan.tif")
+    assert inference.load_image(tmp_path / "cyan.tif")[0, 0].tolist() == [0, 255, 255]
+    Image.new("L", (32, 32), 77).save(tmp_path / "grey.png")
+    assert inference.load_image(tmp_path / "grey.png")[0, 0].tolist() == [77] * 3
+
+
+# --- the commands' odd inputs: each one error line -------------------------------------------
+
+def _one_error_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_an_output_folder_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    taken = tmp_path / "taken.png"
+    taken.write_text("a file")
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32)).save(image)
+    cases = [("predict.py", [str(tmp_path), str(image), "--out-dir", str(taken)],
+              f"--out-dir {taken}: a file, not a folder"),
+             ("predict.py", [str(tmp_path), str(image), "--out-dir", str(taken / "figures")],
+              f"--out-dir {taken / 'figures'}: {taken} is a file, not a folder"),
+             ("evaluate.py", [str(tmp_path), "--out-dir", str(taken)],
+              f"--out-dir {taken}: a file, not a folder"),
+             ("export.py", [str(tmp_path), "--out", str(tmp_path)],
+              f"--out {tmp_path}: a folder; expected the name of the file to write"),
+             ("export.py", [str(tmp_path), "--out", str(taken / "model.stablehlo")],
+              f"--out {taken / 'model.stablehlo'}: {taken} is a file, not a folder")]
+    for script, argv, says in cases:
+        assert load_script(script).main(argv) == 1, script
+        assert _one_error_line(capsys.readouterr().err) == f"error: {says}", script
+    assert taken.read_text() == "a file"
+
+
+@pytest.mark.parametrize("script", ["predict.py", "evaluate.py", "export.py"])
+def test_a_malicious_pth_is_one_error_line_and_never_runs(script, tmp_path, capsys):
+    class CreatesAFile:
+        def __reduce__(self):
+            return open, (str(tmp_path / "ran"), "w")
+
+    import torch
+
+    pth = tmp_path / "model.pth"
+    torch.save({"conv1.weight": CreatesAFile()}, pth)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32)).save(image)
+    argv = [str(pth)] + {"predict.py": [str(image), "--no-figures"],
+                         "evaluate.py": ["--out-dir", str(tmp_path / "out")],
+                         "export.py": []}[script]
+    assert load_script(script).main(argv) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {pth}: holds pickled Python objects besides tensors")
+    assert "weights_only=False" not in line and not (tmp_path / "ran").exists()
+
+
 # --- export ----------------------------------------------------------------------------------
 
 # Runs the artifact with JAX alone: importing cbam_jax in this process fails.
@@ -238,10 +380,13 @@ print(exported.in_avals[0], "->", exported.out_avals[0])
 
 
 def test_stablehlo_runs_without_the_project_and_agrees_with_jax(run_dir, trained, digits,
-                                                                 tmp_path):
-    artifact = tmp_path / "model.stablehlo"
+                                                                 tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     script = load_script("export.py")
-    assert script.main([str(run_dir), "--out", str(artifact)]) == 0
+    assert script.main([str(run_dir)]) == 0
+    artifact = run_dir / "cbam_cnn_digits.stablehlo"  # by default, in the run directory
+    assert artifact.is_file() and not list(tmp_path.iterdir())  # nothing in the current one
+    assert not list(run_dir.glob("*.tmp.*"))
     inputs = {"one": np.asarray(normalize(digits.test_images[:1])),
               "seven": np.asarray(normalize(digits.test_images[1:8]))}
     np.savez(tmp_path / "inputs.npz", **inputs)

@@ -1,8 +1,8 @@
-"""`kill -9` at ten moments of `python scripts/train.py`, each followed by `--resume`: nothing is
-lost, nothing is written twice, and the run ends bit for bit where an uninterrupted one ends.
+"""`kill -9` at eleven moments of `python scripts/train.py`, each followed by `--resume`: nothing
+is lost, nothing is written twice, and the run ends bit for bit where an uninterrupted one ends.
 
 One digits run (2 epochs of 23 batches of 64, one CPU device, every batch logged, histograms
-every 10 batches) is killed ten times in a chain: the resume of each kill is the next process
+every 10 batches) is killed eleven times in a chain: the resume of each kill is the next process
 to kill, and the last resume finishes the run. Each kill is aimed by watching what the process
 prints and what it leaves in its run directory (no hook in the code under test): when the
 moment is near, the process is frozen (SIGSTOP) and the moment is checked on the frozen
@@ -15,15 +15,18 @@ Then, against an uninterrupted run with the same flags, four things:
 - every event file is readable to its last byte;
 - each tag has exactly one record per step, at the uninterrupted run's steps (0 to the last,
   without a gap, for the tags logged at every batch or epoch), with the same values;
-- the checkpoint directories hold only complete checkpoints, the uninterrupted run's; and no
-  kill left a checkpoint, figure or .pth cut off.
+- the checkpoint directories hold only complete checkpoints, the uninterrupted run's, each
+  matching its SHA256SUMS; and no kill left a committed checkpoint, figure or .pth cut off (a
+  step orbax renamed but whose SHA256SUMS a kill prevented is not committed: the resume
+  removes it).
 
 All processes share one compilation cache: the first kill lands while the cold cache is being
 filled (a real compilation), and the later processes load the compiled steps from it.
 
-Runtime: 12 processes (the 10 killed, the last resume, the reference), about 10 epochs in all.
-Measured on 2 cores shared with other jobs: 2 min 10 s at a load average of 3 (2.5 min of CPU
-time over all processes), 3 min 41 s at 7, 7 min at 12.
+Runtime: 13 processes (the 11 killed, the last resume, the reference), about 10 epochs in all.
+Measured on 2 cores shared with other jobs, with ten moments: 2 min 10 s at a load average of 3
+(2.5 min of CPU time over all processes), 3 min 41 s at 7, 7 min at 12; with eleven: 5 min 2 s
+at a load average of 5 (3.5 min of user CPU time over all processes).
 """
 import functools
 import json
@@ -43,6 +46,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cbam_jax.checkpoint import MANIFEST, verify
 from cbam_jax.logbook import event_files, read_events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +71,10 @@ class Seen:
         self.latest, self.best = (
             {p.name for p in (run_dir / "checkpoints" / name).glob("*")}
             for name in ("latest", "best"))
+        # Steps whose SHA256SUMS is written: committed (a renamed step without it is not).
+        self.latest_committed, self.best_committed = (
+            {p.parent.name for p in (run_dir / "checkpoints" / name).glob(f"*/{MANIFEST}")}
+            for name in ("latest", "best"))
         self._events_cache = events_cache
 
     @functools.cached_property
@@ -85,8 +93,10 @@ class Seen:
         return (int(found.group(1)), int(found.group(2))) if found else None
 
     def committed(self) -> int:
-        """Epochs committed: the latest complete checkpoint."""
-        return max((int(name) for name in self.latest if name.isdigit()), default=0)
+        """Epochs committed: the newest committed checkpoint, in latest/ or best/ (best/ is
+        saved first: a kill before latest/ is committed leaves the epoch in best/)."""
+        return max((int(name) for name in self.latest_committed | self.best_committed),
+                   default=0)
 
     def printed(self, text: str) -> bool:
         return any(text in line for line in self.lines)
@@ -112,7 +122,7 @@ def _steps_on_disk(paths) -> dict[str, list[int]]:
     return steps
 
 
-# --- the ten moments -------------------------------------------------------------------------
+# --- the eleven moments ----------------------------------------------------------------------
 
 class Moment(NamedTuple):
     """Where to kill. `near` is quick (output and file names): when it holds, the process is
@@ -166,6 +176,12 @@ def _saving_a_checkpoint(s):
     return epoch is not None and str(epoch) + TMP in s.latest | s.best
 
 
+def _between_the_commit_and_the_manifest(s):  # orbax renamed the step; no SHA256SUMS yet
+    epoch = _trained_the_epoch(s)
+    return (epoch is not None and str(epoch) in s.latest
+            and str(epoch) not in s.latest_committed)
+
+
 def _mid_epoch_after_a_checkpoint(s):
     p = s.progress()
     return p is not None and 10 <= p[1] < BATCHES and s.committed() >= 1
@@ -193,7 +209,11 @@ def _saving_best_of_the_last_epoch(s):
 
 
 def _drawing_the_figures(s):
-    return s.printed(f"Epoch {EPOCHS}/{EPOCHS} done") and not s.printed("Training finished")
+    # Past the last epoch: trained it, or resumed after it (from best/, a kill having stopped
+    # the save of latest/) and rewritten the event files: the figures are what is left.
+    past = s.printed(f"Epoch {EPOCHS}/{EPOCHS} done") or (
+        s.printed(_resumed_line(EPOCHS)) and _compacted(s))
+    return past and not s.printed("Training finished")
 
 
 MOMENTS = [
@@ -203,6 +223,8 @@ MOMENTS = [
     Moment("just after the logbook flush, before the checkpoint", _just_after_the_flush,
            near=_epoch_not_yet_saved),
     Moment("during a checkpoint save", _saving_a_checkpoint),
+    Moment("between orbax's commit of latest/ and its SHA256SUMS",
+           _between_the_commit_and_the_manifest),
     Moment("mid-epoch, after a checkpoint", _mid_epoch_after_a_checkpoint),
     Moment("while resume compacts the event files", _compacting_the_event_files,
            past=_compacted),
@@ -302,11 +324,18 @@ def _layout(checkpoint: Path) -> list[str]:
 
 
 def _cut_off(run_dir: Path, whole: Path) -> list[str]:
-    """Files a kill left incomplete: a checkpoint (not orbax's temporary directory) without
-    every file of a complete one, or a figure or .pth that does not load."""
+    """Files a kill left incomplete: a committed checkpoint (with its SHA256SUMS) without every
+    file of a complete one or failing its digests, or a figure or .pth that does not load."""
     complete = _layout(whole / "checkpoints" / "latest" / str(EPOCHS))
-    cut = [str(c) for c in run_dir.glob("checkpoints/*/*")
-           if c.name.isdigit() and _layout(c) != complete]
+    cut = []
+    for c in run_dir.glob(f"checkpoints/*/*/{MANIFEST}"):
+        try:
+            verify(c.parent)
+        except ValueError:
+            cut.append(str(c.parent))
+        else:
+            if _layout(c.parent) != complete:
+                cut.append(str(c.parent))
     for figure in run_dir.glob("*.png"):
         try:
             with Image.open(figure) as image:
@@ -329,7 +358,7 @@ class Kill(NamedTuple):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(the uninterrupted run's directory, the killed-and-resumed run's, the ten kills)."""
+    """(the uninterrupted run's directory, the killed-and-resumed run's, the eleven kills)."""
     root = tmp_path_factory.mktemp("kill")
     cache, killed, whole = root / "compile_cache", root / "killed", root / "whole"
     kills, committed = [], None
@@ -362,13 +391,15 @@ def test_each_kill_hit_its_moment_and_left_no_file_cut_off(runs):
     committed = [kill.seen.committed() for kill in kills]
     assert committed[:2] == [0, 0] and committed[-1] == EPOCHS and committed == sorted(committed)
     first = kills[0].seen
-    assert first.names == sorted(["run.json", first.event_files[0].name])  # no checkpoints/ yet
+    # No checkpoints/ yet; the lock the run held (the kernel let go of it when the run died,
+    # the next resume took it, and the last one, which ended, removed it).
+    assert first.names == sorted(["run.json", "run.lock", first.event_files[0].name])
 
 
 def test_final_state_is_bit_identical_to_an_uninterrupted_run(runs):
     whole, killed, _ = runs
-    for kind in ("latest", "best"):
-        (step,) = os.listdir(whole / "checkpoints" / kind)
+    for kind, step in ((kind, step) for kind in ("latest", "best")
+                       for step in os.listdir(whole / "checkpoints" / kind)):
         ours, theirs = (run / "checkpoints" / kind / step for run in (killed, whole))
         with ocp.StandardCheckpointer() as checkpointer:
             ours_state, their_state = (checkpointer.restore(p / "state") for p in (ours, theirs))
@@ -435,7 +466,9 @@ def test_checkpoint_directories_hold_only_complete_checkpoints(runs):
     whole, killed, _ = runs
     for kind in ("latest", "best"):
         ours, theirs = (sorted(os.listdir(run / "checkpoints" / kind)) for run in (killed, whole))
-        assert ours == theirs == [str(EPOCHS)], kind
+        assert ours == theirs and ours[-1] == str(EPOCHS), kind
+        assert ours == (["1", "2"] if kind == "latest" else [str(EPOCHS)]), kind
+        assert all(verify(killed / "checkpoints" / kind / step) for step in ours)
     assert _cut_off(killed, whole) == []
 
 

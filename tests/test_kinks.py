@@ -93,7 +93,7 @@ def _torch_grads(state_dict, x, y, masks, dtype=torch.float64) -> dict[str, np.n
 def _jax_loss_grad(params, batch_stats, x, labels, flax_masks):
     def loss(params):
         with nn.intercept_methods(kinks.stop_flax_gradients(flax_masks)):
-            logits, _ = CBAMCNN(dropout_rate=0.0).apply(
+            logits, _ = CBAMCNN(dropout_rate=0.0, fused=False).apply(
                 {"params": params, "batch_stats": batch_stats}, x, train=True,
                 mutable=["batch_stats"])
         return cross_entropy(logits, labels)

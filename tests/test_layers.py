@@ -128,12 +128,33 @@ def test_channel_count_other_than_built_for_names_the_expected_shape():
 @pytest.mark.parametrize("kernel_size", [0, 4])
 def test_even_or_empty_spatial_kernel_is_rejected(kernel_size):
     with pytest.raises(ValueError, match="odd"):
-        SpatialAttention(kernel_size).init(jax.random.key(0), jnp.ones((1, 8, 8, 4)))
+        SpatialAttention(kernel_size=kernel_size).init(jax.random.key(0), jnp.ones((1, 8, 8, 4)))
 
 
 def test_ratio_below_one_is_rejected():
     with pytest.raises(ValueError, match="ratio"):
         ChannelAttention(ratio=0).init(jax.random.key(0), jnp.ones((1, 8, 8, 4)))
+
+
+@pytest.mark.parametrize("option", ["min_hidden", "hidden_features"])
+def test_a_hidden_width_of_zero_is_refused(option):
+    # A zero-width MLP is the tutorial's failure below 16 channels; here it is named.
+    with pytest.raises(ValueError, match=rf"CBAM\.{option} must be .*int >= 1, got 0"):
+        CBAM(**{option: 0}).init(jax.random.key(0), jnp.ones((1, 4, 4, 8)))
+
+
+@pytest.mark.parametrize("module", [ChannelAttention(), SpatialAttention(), CBAM(),
+                                    CBAM.preset("official")],
+                         ids=["channel", "spatial", "cbam", "official"])
+def test_an_empty_batch_in_evaluation_gives_an_empty_result(module):
+    variables = module.init(jax.random.key(0), jnp.ones((1, 6, 6, 32)))
+    y = module.apply(variables, jnp.ones((0, 6, 6, 32)))
+    assert y.shape == (0, 6, 6, 32)
+
+
+def test_options_are_keyword_only():
+    with pytest.raises(TypeError, match="positional"):
+        CBAM(16)
 
 
 def test_jit_and_grad_reach_every_parameter():
@@ -234,11 +255,13 @@ def test_cbam_inside_a_user_model_trains_with_decreasing_loss():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-# name -> (CBAM, input dtype, whether training runs it as ops.cbam_tutorial)
+# name -> (CBAM, input dtype, whether training runs it as ops.fused.cbam_tutorial)
 ONE_OP_CASES = {
     "tutorial": (CBAM(), jnp.float32, True),
     "tutorial-width-and-kernel": (CBAM(ratio=4, kernel_size=3), jnp.float32, True),
+    "reference": (CBAM(fused=False), jnp.float32, False),
     "official": (CBAM.preset("official"), jnp.float32, False),
+    "spatial-bias": (CBAM(spatial_bias=True), jnp.float32, False),
     "hard-sigmoid-gates": (CBAM(gate=nn.hard_sigmoid), jnp.float32, False),
     "bfloat16-gates": (CBAM(dtype=jnp.bfloat16), jnp.float32, False),
     "bfloat16-input": (CBAM(), jnp.bfloat16, False),
@@ -256,20 +279,24 @@ def test_training_runs_the_one_op_cbam_only_for_the_tutorials_arithmetic_in_floa
         assert ("cbam_tutorial" in jaxpr) == (one_op and train), (case, train)
 
 
-def test_one_op_cbam_trains_like_the_layers():
-    """Training (ops.cbam_tutorial) and evaluation (the layers, autodiff) of the tutorial's CBAM
-    give the same output, gate and gradients, to float32 rounding (1e-5 of the largest)."""
+@pytest.mark.parametrize("module", [CBAM(), SpatialAttention()], ids=["cbam", "spatial"])
+def test_the_fused_path_trains_like_the_reference(module):
+    """Training with `fused=True` (ops.fused: the one-op CBAM, the Toeplitz spatial conv) and
+    with `fused=False` (ops.reference, autodiff) give the same output, gate and gradients, to
+    float32 rounding (1e-5 of the largest)."""
     x = jax.random.normal(jax.random.key(11), (3, 8, 8, 32))
     g = jax.random.normal(jax.random.key(12), x.shape)
-    variables = CBAM().init(jax.random.key(0), x)
+    variables = module.init(jax.random.key(0), x)
 
-    def run(params, x, train):
-        y, state = CBAM().apply({"params": params}, x, train=train, mutable=["intermediates"])
+    def run(params, x, fused):
+        y, state = module.clone(fused=fused).apply({"params": params}, x, train=True,
+                                                   mutable=["intermediates"])
         return jnp.sum(y * g), (y, state["intermediates"])
 
-    results = {train: jax.value_and_grad(run, argnums=(0, 1), has_aux=True)(
-        variables["params"], x, train) for train in (True, False)}
-    (_, one_op), one_op_grads = results[True]
-    (_, layers), layer_grads = results[False]
-    for a, b in zip(jax.tree.leaves((one_op, one_op_grads)), jax.tree.leaves((layers, layer_grads))):
+    results = {fused: jax.value_and_grad(run, argnums=(0, 1), has_aux=True)(
+        variables["params"], x, fused) for fused in (True, False)}
+    (_, fused), fused_grads = results[True]
+    (_, reference), reference_grads = results[False]
+    for a, b in zip(jax.tree.leaves((fused, fused_grads)),
+                    jax.tree.leaves((reference, reference_grads))):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * float(jnp.abs(b).max())

@@ -1,5 +1,5 @@
-"""Run directories, TensorBoard event files (a resume keeps exactly the committed records, even
-when it is killed while it rewrites them) and the progress lines. Runtime: about 5 s."""
+"""TensorBoard event files (a resume keeps exactly the committed records, even when it is killed
+while it rewrites them), the batch cadences, and the progress lines. Runtime: about 10 s."""
 import io
 import shutil
 import types
@@ -7,20 +7,9 @@ import types
 import numpy as np
 import pytest
 
-from cbam_jax.logbook import (EpochReporter, Logbook, event_files, latest_run_dir, next_run_dir,
-                              read_events)
-from cbam_jax.recipe import TrainConfig
-
-
-def test_run_dirs_are_suffixed_1_2_when_taken(tmp_path):
-    base = str(tmp_path / "runs" / "CBAM_CNN_experiment")
-    assert latest_run_dir(base) is None
-    assert str(next_run_dir(base)) == base
-    for expected in (base, f"{base}_1", f"{base}_2"):
-        run_dir = next_run_dir(base)
-        assert str(run_dir) == expected
-        run_dir.mkdir(parents=True)
-        assert latest_run_dir(base) == run_dir
+from cbam_jax.logbook import EpochReporter, Logbook, event_files, read_events
+from cbam_jax.recipe import TrainConfig, cadence_in_epoch
+from cbam_jax.train import epoch_plan
 
 
 # --- event files -----------------------------------------------------------------------------
@@ -114,6 +103,52 @@ def test_a_resume_killed_while_compacting_loses_and_repeats_nothing(killed_run, 
         Logbook(run_dir, resume_at=(2, 2 * BATCHES)).close()
         assert _steps(run_dir) == _committed(2), cut
         shutil.rmtree(run_dir)
+
+
+# --- the batch cadences ----------------------------------------------------------------------
+
+class _Book:
+    """What EpochReporter writes: the steps of its batch scalars."""
+
+    def __init__(self):
+        self.steps = []
+
+    def batch_scalars(self, global_step, loss, running_acc, lr):
+        self.steps.append(global_step)
+
+
+def _logged_steps(num_train: int, batch_size: int, epoch: int) -> list[int]:
+    """The global steps of the Train/Batch_* scalars of one epoch, recipe's cadence."""
+    sizes = [batch_size] * (num_train // batch_size) + [num_train % batch_size] * bool(
+        num_train % batch_size)
+    book = _Book()
+    reporter = EpochReporter(book, epoch, TrainConfig(), sizes, 1e-3, io.StringIO())
+    reporter.batches(epoch, len(sizes), np.ones(len(sizes)), np.ones(len(sizes), int))
+    return book.steps
+
+
+def _histogram_batches(num_train: int, batch_size: int) -> list[int]:
+    """The batches of one epoch whose call returns gradients, recipe's cadence (as
+    train.train_epoch plans it)."""
+    batches = -(-num_train // batch_size)
+    hist_every = cadence_in_epoch(TrainConfig().hist_every, batches)
+    return [c.first for c in epoch_plan(num_train, batch_size, 2, hist_every, rolled=False)
+            if c.shape.with_grads]
+
+
+def test_cifar10_keeps_the_tutorials_cadence_and_steps():
+    """50,000 images in 782 batches of 64: scalars every 100 batches of the epoch, histograms
+    every 500, at the global step epoch * 782 + batch (shared/SPEC.md, "Logging")."""
+    assert _logged_steps(50_000, 64, epoch=0) == [99, 199, 299, 399, 499, 599, 699]
+    assert _logged_steps(50_000, 64, epoch=3) == [3 * 782 + b for b in range(99, 782, 100)]
+    assert _histogram_batches(50_000, 64) == [499]
+
+
+def test_an_epoch_shorter_than_the_cadences_records_its_last_batch():
+    """Digits: 1437 images in 23 batches of 64 (the last of 29), fewer than 100 and 500."""
+    assert _logged_steps(1437, 64, epoch=0) == [22]
+    assert _logged_steps(1437, 64, epoch=1) == [45]
+    assert _histogram_batches(1437, 64) == [22]  # the partial batch, in its own call
 
 
 # --- progress lines --------------------------------------------------------------------------

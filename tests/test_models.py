@@ -1,9 +1,11 @@
 """CBAMCNN: SPEC's architecture, parameter table, train/eval behaviour and input checks, and
 the same numbers as the model written as the tutorial's layers in a row (`PlainCBAMCNN`).
 
-Runtime: 20 tests, 45 s wall on the shared 2-core machine (load average 0.3-1.0).
+Runtime: 27 tests, 2 min 9 s wall on the shared 2-core machine (load average about 5).
 """
 import functools
+import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -11,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cbam_jax import CBAMCNN, parameter_report, torch_style_name
+import cbam_jax
+from cbam_jax import CBAMCNN, parameter_report, torch_style_name, train
 from cbam_jax.layers import ChannelAttention, torch_bias_init, torch_kernel_init
 from cbam_jax.models import BLOCK_CHANNELS
-from cbam_jax.ops import spatial_attention
-from cbam_jax.train import cross_entropy
+from cbam_jax.ops.reference import spatial_attention
 
 # SPEC.md's table, in the tutorial's order.
 SPEC_PARAMETERS = {
@@ -138,7 +140,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(variables):
     np.testing.assert_allclose(logits, reference, atol=0.1 * scale)
 
 
-# --- the faster blocks and CBAM (issue 12) against the plain composition ----------------------
+# --- the two paths against the plain composition -----------------------------------------------
 
 class _PlainBatchNorm(nn.Module):
     """layers.BatchNorm's variables; the textbook formula, PyTorch's running update, autodiff."""
@@ -184,7 +186,8 @@ class _PlainCBAM(nn.Module):
 class PlainCBAMCNN(nn.Module):
     """CBAMCNN written as the tutorial's layers in a row (nn.Conv with its bias, BatchNorm,
     ReLU, a reduce-window max-pool, the CBAM gates with a convolution), every gradient by
-    autodiff: what CBAMCNN computed before its blocks and CBAM became ops."""
+    autodiff, with no code of cbam_jax's model path: what both of CBAMCNN's paths must
+    compute."""
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -252,7 +255,7 @@ def _train_step(model, variables, x, labels):
         def loss(params):
             logits, state = model.apply({**variables, "params": params}, x, train=True,
                                         mutable=["batch_stats"])
-            return cross_entropy(logits, labels), (logits, state["batch_stats"])
+            return train.cross_entropy(logits, labels), (logits, state["batch_stats"])
         (_, (logits, stats)), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return logits, grads, stats
     return step(variables["params"])
@@ -272,20 +275,24 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def test_train_mode_gives_the_plain_models_logits_gradients_and_statistics(perturbed):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_train_mode_gives_the_plain_models_logits_gradients_and_statistics(perturbed, fused):
     variables, x, labels = perturbed
-    logits, grads, stats = _train_step(CBAMCNN(dropout_rate=0.0), variables, x, labels)
+    logits, grads, stats = _train_step(CBAMCNN(dropout_rate=0.0, fused=fused), variables, x,
+                                       labels)
     plain_logits, plain_grads, plain_stats = _train_step(PlainCBAMCNN(), variables, x, labels)
     assert _rel(logits, plain_logits) < FORWARD_TOLERANCE
     assert jax.tree.structure(grads) == jax.tree.structure(plain_grads)
     for (path, g), expected in zip(jax.tree_util.tree_leaves_with_path(grads),
                                    jax.tree.leaves(plain_grads)):
         name = jax.tree_util.keystr(path)
-        if name in {f"['conv{i}']['bias']" for i in (1, 2, 3)}:
-            # BatchNorm cancels the conv bias: its true gradient is 0, exactly ours; autodiff
-            # of the plain model gives float32 noise.
+        if fused and name in {f"['conv{i}']['bias']" for i in (1, 2, 3)}:
+            # BatchNorm cancels the conv bias: its true gradient is 0, exactly the fused path's;
+            # autodiff (the plain model, the reference path) gives float32 noise.
             np.testing.assert_array_equal(g, np.zeros_like(g), err_msg=name)
             assert np.abs(expected).max() < 1e-5 * np.abs(plain_grads["conv1"]["kernel"]).max()
+        elif name in {f"['conv{i}']['bias']" for i in (1, 2, 3)}:
+            assert np.abs(g).max() < 1e-5 * np.abs(plain_grads["conv1"]["kernel"]).max()
         else:
             assert _rel(g, expected) < GRADIENT_TOLERANCE, name
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(stats),
@@ -296,9 +303,11 @@ def test_train_mode_gives_the_plain_models_logits_gradients_and_statistics(pertu
             assert _rel(a, b) < FORWARD_TOLERANCE, jax.tree_util.keystr(path)
 
 
-def test_eval_mode_gives_the_plain_models_logits_and_gates(perturbed):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_eval_mode_gives_the_plain_models_logits_and_gates(perturbed, fused):
     variables, x, _ = perturbed
-    logits, state = jax.jit(lambda v: CBAMCNN().apply(v, x, mutable=["intermediates"]))(variables)
+    logits, state = jax.jit(lambda v: CBAMCNN(fused=fused).apply(
+        v, x, mutable=["intermediates"]))(variables)
     plain, plain_state = jax.jit(
         lambda v: PlainCBAMCNN().apply(v, x, mutable=["intermediates"]))(variables)
     assert _rel(logits, plain) < FORWARD_TOLERANCE
@@ -306,38 +315,80 @@ def test_eval_mode_gives_the_plain_models_logits_and_gates(perturbed):
         assert _rel(a, b) < FORWARD_TOLERANCE
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_capture_intermediates_records_every_layers_output(perturbed, train):
-    """Under capture_intermediates the blocks and CBAMs run layer by layer (parity's
-    layer-by-layer report reads the conv's, the BatchNorm's and each gate's output), with the
-    logits of the fused model."""
+# --- choosing the path ---------------------------------------------------------------------------
+
+def test_training_runs_the_fused_path_by_default():
+    assert CBAMCNN().fused and train.build("float32")[0].fused
+
+
+def _recorded(fused: bool, train: bool, perturbed):
     variables, x, _ = perturbed
-    model = CBAMCNN(dropout_rate=0.0)
-    apply = functools.partial(model.apply, train=train, mutable=["intermediates", "batch_stats"])
-    logits, state = jax.jit(functools.partial(apply, capture_intermediates=True))(variables, x)
-    fused, _ = jax.jit(apply)(variables, x)
-    recorded = state["intermediates"]
+    model = CBAMCNN(dropout_rate=0.0, fused=fused)
+    apply = functools.partial(model.apply, train=train, capture_intermediates=True,
+                              mutable=["intermediates", "batch_stats"])
+    logits, state = jax.jit(apply)(variables, x)
+    return logits, state["intermediates"]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_capture_intermediates_records_every_layer_of_the_reference_path(perturbed, train):
+    """`fused=False` runs each layer as its own module call, so capture_intermediates records
+    the conv's, the BatchNorm's and each gate's output (parity's layer-by-layer report reads
+    them); the fused path records the calls it makes: no conv{i} or bn{i} call, the same
+    logits up to float32 rounding."""
+    logits, recorded = _recorded(False, train, perturbed)
+    fused_logits, fused_recorded = _recorded(True, train, perturbed)
     for i, (size, channels) in enumerate(zip((32, 16, 8), BLOCK_CHANNELS), start=1):
         full, pooled = (16, size, size, channels), (16, size // 2, size // 2, channels)
         assert recorded[f"conv{i}"]["__call__"][0].shape == full
         assert recorded[f"bn{i}"]["__call__"][0].shape == full
         for gate in ("channel_attn", "spatial_attn"):
             assert recorded[f"cbam{i}"][gate]["__call__"][0].shape == pooled
-    assert _rel(logits, fused) < FORWARD_TOLERANCE
+        assert f"conv{i}" not in fused_recorded and f"bn{i}" not in fused_recorded
+    assert _rel(fused_logits, logits) < FORWARD_TOLERANCE
 
 
-def test_intercepted_module_calls_run_layer_by_layer(variables):
-    """Under nn.intercept_methods (parity.kinks stops gradients at bn{i}'s output and the gates'
-    inputs) every layer is its own module call: no fused block or CBAM op in the program."""
+def test_recording_or_intercepting_calls_leaves_the_path_as_chosen(variables):
+    """The path is the `fused` field's, whatever the caller records or intercepts: the fused
+    ops are in the fused program under an interceptor and absent from the reference one."""
     x = jnp.zeros((2, 32, 32, 3))
 
-    def jaxpr():
-        return str(jax.make_jaxpr(lambda v: CBAMCNN().apply(
-            v, x, train=True, rngs={"dropout": jax.random.key(0)},
-            mutable=["batch_stats"]))(variables))
+    def jaxpr(fused):
+        with nn.intercept_methods(lambda next_fun, args, kwargs, context: next_fun(*args,
+                                                                                   **kwargs)):
+            return str(jax.make_jaxpr(lambda v: CBAMCNN(fused=fused).apply(
+                v, x, train=True, rngs={"dropout": jax.random.key(0)}, capture_intermediates=True,
+                mutable=["batch_stats", "intermediates"]))(variables))
 
-    fused = jaxpr()
-    with nn.intercept_methods(lambda next_fun, args, kwargs, context: next_fun(*args, **kwargs)):
-        intercepted = jaxpr()
-    for op in ("batch_norm_relu_pool_train", "cbam_tutorial"):
-        assert op in fused and op not in intercepted, op
+    fused, reference = jaxpr(True), jaxpr(False)
+    for op in ("batch_norm_relu_pool_train", "cbam_tutorial", "_dense"):
+        assert op in fused and op not in reference, op
+
+
+def test_no_module_reads_a_private_flax_attribute():
+    """The path is a field, not Flax's private state: no `_context`, interceptor stack or
+    `__captures__` in the library (the check fails on the code that read them)."""
+    private = re.compile(r"__captures__|\b(?:nn|nnx|flax|module|linen)\._\w"
+                         r"|getattr\([^,]+,\s*[\"']_\w")
+    package = pathlib.Path(cbam_jax.__file__).parent
+    found = {str(path.relative_to(package)): private.findall(path.read_text())
+             for path in package.rglob("*.py")}
+    assert not {path: hits for path, hits in found.items() if hits}
+    assert private.search("stack = getattr(getattr(module, '_context', None), 'capture_stack')")
+    assert private.search("if hasattr(self, '__captures__'):")
+
+
+# --- odd inputs ----------------------------------------------------------------------------------
+
+def test_an_empty_batch_in_evaluation_gives_empty_logits(variables):
+    for fused in (True, False):
+        logits = CBAMCNN(fused=fused).apply(variables, jnp.zeros((0, 32, 32, 3)))
+        assert logits.shape == (0, 10) and logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int32])
+def test_integer_input_is_refused_saying_how_to_cast(variables, dtype):
+    # Computed, it would run on 0-255 values instead of normalised ones.
+    with pytest.raises(ValueError, match=rf"CBAMCNN expects floating-point input \[batch, 32, "
+                                         rf"32, 3\], got {jnp.dtype(dtype).name}: cast it first"):
+        CBAMCNN().apply(variables, jnp.full((2, 32, 32, 3), 200, dtype))

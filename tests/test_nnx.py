@@ -1,10 +1,10 @@
 """cbam_jax.nnx: the native flax.nnx modules give the Linen modules' numbers on the same weights
-(bitwise: both call cbam_jax.ops), PyTorch's through the parity converters, train on digits
-under nnx.jit, and raise the Linen modules' errors word for word.
+(bitwise: both are built from the same options, architectures and cbam_jax.ops, fused or
+reference), PyTorch's through the parity converters, train on digits under nnx.jit, and raise
+the Linen modules' errors word for word.
 
-Runtime: 70 tests, 71 s of CPU; 2 min 31 s to 2 min 50 s wall on the shared 2-core machine at
-load average 11-12 (most of it the digits loop, the two small ResNets and the CBAMCNN
-fixtures). The lone layers, the ResNets and CBAMCNN's evaluation run op by op (no jit): the
+Runtime: 88 tests, 83 s of CPU and 86 s wall on the shared 2-core machine at load average 4-5
+(most of it the digits loop, the two small ResNets and the CBAMCNN fixtures). The lone layers, the ResNets and CBAMCNN's evaluation run op by op (no jit): the
 NNX and the Linen side then share the compiled ops, which costs less than compiling each
 side's program; CBAMCNN's train step and the digits loop are compiled whole.
 """
@@ -63,21 +63,32 @@ def _assert_trees_equal(got, expected):
 
 # name -> (NNX module, the Linen module with the same options, whether it takes `train=`)
 LAYERS = {
-    "channel": (lambda: cn.ChannelAttention(C, 8, pool_types=("avg", "max", "lp", "lse"),
-                                            use_bias=True, act=nnx.tanh, rngs=nnx.Rngs(0)),
-                layers.ChannelAttention(8, pool_types=("avg", "max", "lp", "lse"),
-                                        use_bias=True, act=nn.tanh), False),
-    "spatial": (lambda: cn.SpatialAttention(3, pool_order=("max", "avg"), use_bias=True,
-                                            use_bn=True, bn_momentum=0.01, rngs=nnx.Rngs(0)),
-                layers.SpatialAttention(3, pool_order=("max", "avg"), use_bias=True,
-                                        use_bn=True, bn_momentum=0.01), True),
+    "channel": (lambda: cn.ChannelAttention(C, ratio=8, pool_types=("avg", "max", "lp", "lse"),
+                                            mlp_bias=True, act=nnx.tanh, rngs=nnx.Rngs(0)),
+                layers.ChannelAttention(ratio=8, pool_types=("avg", "max", "lp", "lse"),
+                                        mlp_bias=True, act=nn.tanh), False),
+    "spatial": (lambda: cn.SpatialAttention(kernel_size=3, spatial_pool_order=("max", "avg"),
+                                            spatial_bias=True, spatial_bn=True,
+                                            bn_momentum=0.01, rngs=nnx.Rngs(0)),
+                layers.SpatialAttention(kernel_size=3, spatial_pool_order=("max", "avg"),
+                                        spatial_bias=True, spatial_bn=True, bn_momentum=0.01),
+                True),
+    "spatial-reference": (
+        lambda: cn.SpatialAttention(spatial_bias=True, spatial_bn=True, fused=False,
+                                    rngs=nnx.Rngs(0)),
+        layers.SpatialAttention(spatial_bias=True, spatial_bn=True, fused=False), True),
     "batchnorm": (lambda: cn.BatchNorm(C), layers.BatchNorm(), True),
+    "batchnorm-reference": (lambda: cn.BatchNorm(C, fused=False), layers.BatchNorm(fused=False),
+                            True),
     "tutorial": (lambda: cn.CBAM(C, rngs=nnx.Rngs(0)), layers.CBAM(), True),
+    "tutorial-reference": (lambda: cn.CBAM(C, fused=False, rngs=nnx.Rngs(0)),
+                           layers.CBAM(fused=False), True),
     "tutorial-options": (
-        lambda: cn.CBAM(C, 4, 5, hidden_features=3, spatial_pool_order=("max", "avg"),
-                        gate=nnx.hard_sigmoid, rngs=nnx.Rngs(0)),
-        layers.CBAM(4, 5, hidden_features=3, spatial_pool_order=("max", "avg"),
-                    gate=nn.hard_sigmoid), True),
+        lambda: cn.CBAM(C, ratio=4, kernel_size=5, hidden_features=3,
+                        spatial_pool_order=("max", "avg"), gate=nnx.hard_sigmoid,
+                        rngs=nnx.Rngs(0)),
+        layers.CBAM(ratio=4, kernel_size=5, hidden_features=3,
+                    spatial_pool_order=("max", "avg"), gate=nn.hard_sigmoid), True),
     "official": (lambda: cn.CBAM.preset("official", C, rngs=nnx.Rngs(0)),
                  layers.CBAM.preset("official"), True),
     "official-all-pools": (
@@ -93,6 +104,11 @@ LAYERS = {
                       layers.CBAM.preset("timm", dtype=jnp.bfloat16), True),
 }
 MODES = ["train", "eval"]
+
+
+def _sowing(model: nnx.Module) -> nnx.Module:
+    """A view of `model` that sows its spatial gates (if it has any) for nnx.capture."""
+    return nnx.view(model, sow_gates=True, raise_if_not_found=False)
 
 
 def _linen_apply(name, variables, x, train):
@@ -116,7 +132,7 @@ def test_outputs_statistics_and_gates_equal_linens_on_the_same_weights(name, mod
     variables = cn.to_linen(model)
     if mode == "eval":
         model.eval()
-    y, intermediates = nnx.capture(model, nnx.Intermediate)(X)
+    y, intermediates = nnx.capture(_sowing(model), nnx.Intermediate)(X)
     expected, state = _linen_apply(name, variables, X, train=mode == "train")
     np.testing.assert_array_equal(y, expected)
     assert y.dtype == expected.dtype == X.dtype
@@ -129,8 +145,8 @@ def test_outputs_statistics_and_gates_equal_linens_on_the_same_weights(name, mod
     _assert_trees_equal(nnx.to_pure_dict(intermediates), state.get("intermediates", {}))
 
 
-@pytest.mark.parametrize("name", ["channel", "spatial", "batchnorm", "tutorial", "official",
-                                  "timm"])
+@pytest.mark.parametrize("name", ["channel", "spatial", "batchnorm", "tutorial",
+                                  "tutorial-reference", "official", "timm"])
 def test_gradients_equal_linens(name):
     """d sum(y * cotangent) / d(every parameter and the input), in training mode."""
     model = _perturbed(LAYERS[name][0]())
@@ -152,7 +168,7 @@ def test_gradients_equal_linens(name):
 def test_presets_and_defaults_are_the_linen_ones():
     assert cn.CBAM.preset("tutorial", C, rngs=nnx.Rngs(0)).spatial_attn.bn is None
     official = cn.CBAM.preset("official", C, rngs=nnx.Rngs(0))
-    assert official.spatial_attn.pool_order == ("max", "avg")
+    assert official.spatial_attn.options.spatial_pool_order == ("max", "avg")
     assert official.spatial_attn.bn.momentum == 0.01
     timm = cn.CBAM.preset("timm", 40, rngs=nnx.Rngs(0))
     assert timm.channel_attn.fc_0.kernel.shape == (40, 3)  # round(40 / 16), no bias
@@ -204,11 +220,13 @@ def _fresh(cnn):
     return nnx.clone(cnn[2])
 
 
-def test_capture_returns_each_blocks_gate_and_a_plain_call_keeps_none(cnn):
+def test_capture_returns_each_blocks_gate_when_asked_and_a_plain_call_keeps_none(cnn):
     model = _fresh(cnn)
     model.eval()
     x = nchw_to_nhwc(EVAL_BATCH)
-    logits, intermediates = nnx.capture(model, nnx.Intermediate)(x)
+    _, unasked = nnx.capture(model, nnx.Intermediate)(x)
+    assert not nnx.to_pure_dict(unasked)  # the control: sown only when asked
+    logits, intermediates = nnx.capture(_sowing(model), nnx.Intermediate)(x)
     _, state = models.CBAMCNN().apply(cnn[1], x, mutable=["intermediates"])
     gates = nnx.to_pure_dict(intermediates)
     _assert_trees_equal(gates, state["intermediates"])
@@ -273,6 +291,20 @@ def test_cbamcnn_eval_logits_equal_linens_and_pytorchs(cnn):
         expected = torch_model(state_dict).eval()(x)
         truth = torch_model(state_dict, torch.float64).eval()(x.double())
     assert judge("eval logits", logits, expected, truth).passed
+
+
+def test_cbamcnn_reference_path_equals_linens(cnn):
+    """`fused=False`, NNX against Linen on the same weights: train-mode logits and running
+    statistics, then eval-mode logits, bit for bit."""
+    variables = cnn[1]
+    model = cn.from_linen(cn.CBAMCNN(dropout_rate=0.0, fused=False, rngs=nnx.Rngs(0)), variables)
+    linen = models.CBAMCNN(dropout_rate=0.0, fused=False)
+    x = nchw_to_nhwc(EVAL_BATCH)
+    expected, state = linen.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(model(x), expected)
+    _assert_trees_equal(cn.to_linen(model)["batch_stats"], state["batch_stats"])
+    model.eval()
+    np.testing.assert_array_equal(model(x), linen.apply(cn.to_linen(model), x))
 
 
 def test_cbamcnn_train_step_matches_pytorch(cnn, cnn_train_step):
@@ -542,16 +574,19 @@ ERRORS = {
     "channels": (lambda: _cbam_32()(jnp.ones((1, 4, 4, 64))),
                  lambda: layers.CBAM().apply(_linen_init(layers.CBAM(), jnp.ones((1, 4, 4, 32))),
                                              jnp.ones((1, 4, 4, 64)))),
-    "even-kernel": (lambda: cn.SpatialAttention(4, rngs=nnx.Rngs(0)),
-                    lambda: _linen_init(layers.SpatialAttention(4), jnp.ones((1, 8, 8, 4)))),
+    "even-kernel": (lambda: cn.SpatialAttention(kernel_size=4, rngs=nnx.Rngs(0)),
+                    lambda: _linen_init(layers.SpatialAttention(kernel_size=4),
+                                        jnp.ones((1, 8, 8, 4)))),
     "pool-types": (lambda: cn.ChannelAttention(32, pool_types=("avg", "min"), rngs=nnx.Rngs(0)),
                    lambda: _linen_init(layers.ChannelAttention(pool_types=("avg", "min")),
                                        jnp.ones((1, 4, 4, 32)))),
-    "pool-order": (lambda: cn.SpatialAttention(pool_order="max", rngs=nnx.Rngs(0)),
-                   lambda: _linen_init(layers.SpatialAttention(pool_order="max"),
+    "pool-order": (lambda: cn.SpatialAttention(spatial_pool_order="max", rngs=nnx.Rngs(0)),
+                   lambda: _linen_init(layers.SpatialAttention(spatial_pool_order="max"),
                                        jnp.ones((1, 4, 4, 32)))),
-    "ratio": (lambda: cn.ChannelAttention(32, 0, rngs=nnx.Rngs(0)),
-              lambda: _linen_init(layers.ChannelAttention(0), jnp.ones((1, 4, 4, 32)))),
+    "ratio": (lambda: cn.ChannelAttention(32, ratio=0, rngs=nnx.Rngs(0)),
+              lambda: _linen_init(layers.ChannelAttention(ratio=0), jnp.ones((1, 4, 4, 32)))),
+    "min-hidden": (lambda: cn.CBAM(8, min_hidden=0, rngs=nnx.Rngs(0)),
+                   lambda: _linen_init(layers.CBAM(min_hidden=0), jnp.ones((1, 4, 4, 8)))),
     "rd-round": (lambda: cn.ChannelAttention(32, rd_round="ceil", rngs=nnx.Rngs(0)),
                  lambda: _linen_init(layers.ChannelAttention(rd_round="ceil"),
                                      jnp.ones((1, 4, 4, 32)))),
@@ -566,6 +601,9 @@ ERRORS = {
     "cnn-shape": (lambda: nnx.eval_shape(lambda: cn.CBAMCNN(rngs=nnx.Rngs(0)))(
                       jnp.ones((2, 28, 28, 3))),
                   lambda: _linen_init(models.CBAMCNN(), jnp.ones((2, 28, 28, 3)))),
+    "cnn-integer": (lambda: nnx.eval_shape(lambda: cn.CBAMCNN(rngs=nnx.Rngs(0)))(
+                        jnp.ones((2, 32, 32, 3), jnp.uint8)),
+                    lambda: _linen_init(models.CBAMCNN(), jnp.ones((2, 32, 32, 3), jnp.uint8))),
     "resnet-stem": (lambda: cn.CBAMResNet((1,), stem="tiny", rngs=nnx.Rngs(0)),
                     lambda: _linen_init(resnet.CBAMResNet((1,), stem="tiny"),
                                         jnp.ones((1, 8, 8, 3)))),
@@ -583,3 +621,33 @@ def test_bad_input_gets_the_linen_modules_error_word_for_word(case):
     with pytest.raises(ValueError) as nnx_error:
         nnx_call()
     assert str(nnx_error.value) == str(linen_error.value)
+
+
+# --- odd sizes --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build", [lambda: cn.CBAM(0, rngs=nnx.Rngs(0)),
+                                   lambda: cn.ChannelAttention(0, rngs=nnx.Rngs(0)),
+                                   lambda: cn.BatchNorm(0)], ids=["cbam", "channel", "batchnorm"])
+def test_a_layer_of_zero_channels_is_refused(build):
+    with pytest.raises(ValueError, match=r"expects (in|num)_features >= 1, got 0"):
+        build()
+
+
+def test_an_empty_batch_in_evaluation_gives_empty_results(cnn):
+    model = _fresh(cnn)
+    model.eval()
+    assert model(jnp.zeros((0, 32, 32, 3))).shape == (0, 10)
+    cbam = cn.CBAM.preset("official", C, rngs=nnx.Rngs(0))
+    cbam.eval()
+    assert cbam(jnp.zeros((0, 6, 5, C))).shape == (0, 6, 5, C)
+    resnet_model, _ = RESNETS["cifar-basic-official"]()
+    resnet_model.eval()
+    assert resnet_model(jnp.zeros((0, 16, 8, 3))).shape == (0, 10)
+
+
+def test_the_spatial_gate_calls_the_conv_it_builds():
+    """The conv holds the weights and computes the gate (the Toeplitz matmul when fused): its
+    own call is among the calls nnx.capture records."""
+    model = cn.SpatialAttention(rngs=nnx.Rngs(0))
+    _, outputs = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(X)
+    assert nnx.to_pure_dict(outputs)["conv"]["__call__"][0].shape == X.shape[:3] + (1,)

@@ -3,8 +3,8 @@
 How each row is judged is in parity/report.py (float32_bound) and parity/kinks.py. The report
 must pass on random weights and on checkpoints the tutorial's own loop wrote, early and late in
 training, and every negative control (parity/controls.py) must make it fail on both.
-Budget: about 70 s on 2 CPU cores (load 2): training the checkpoints, compiling each control's
-JAX programs, and one CLI run.
+Budget: about 6.5 min wall on the 2 shared CPU cores at load average 3-5: training the
+checkpoints, compiling each control's JAX programs (both paths), and one CLI run.
 """
 import subprocess
 import sys
@@ -18,7 +18,8 @@ import optax
 import pytest
 import torch
 
-from cbam_jax import CBAM, CBAMCNN, ChannelAttention, SpatialAttention, ops
+from cbam_jax import CBAM, CBAMCNN, ChannelAttention, SpatialAttention
+from cbam_jax.ops import fused, reference as reference_ops
 from cbam_jax.train import make_optimizer
 from parity import controls, reference, torch_to_flax
 from parity.__main__ import main
@@ -71,7 +72,7 @@ def _failures(rows: list[Comparison]) -> list[str]:
             f"{r.torch_error:.3e})" for r in rows if not r.passed]
 
 
-# (a) eval-mode forward, layer by layer, at the batch sizes the issue names.
+# (a) eval-mode forward, layer by layer, at batch sizes 1, 7 and 64.
 @pytest.mark.parametrize("batch_size", [1, 7, 64])
 def test_eval_forward_matches_layer_by_layer(programs, state_dict, batch_size):
     x, _ = random_batch(SEED + batch_size, batch_size)
@@ -143,7 +144,7 @@ def test_a_conv_bias_left_out_is_invisible_in_train_mode_only(state_dict, train)
         assert {"eval conv1", "eval bn1", "eval fc2"} <= {r.name for r in rows if not r.passed}
 
 
-_conv_bn_relu_pool = ops.conv_bn_relu_pool  # the original: the patch below would call itself
+_conv_bn_relu_pool = fused.conv_bn_relu_pool  # the original: the patch below would call itself
 
 
 def _block_without_conv_bias(x, kernel, conv_bias, *args, **kwargs):
@@ -155,10 +156,29 @@ def test_the_fused_rows_judge_the_fused_path(state_dict):
     fused eval logits and leaves the layer-by-layer rows passing: the fused rows can fail."""
     programs = jax_programs.__wrapped__(LEARNING_RATE, None)  # traced afresh, with the bug
     x, _ = random_batch(SEED, BATCH)
-    with mock.patch("cbam_jax.ops.conv_bn_relu_pool", _block_without_conv_bias):
+    with mock.patch("cbam_jax.ops.fused.conv_bn_relu_pool", _block_without_conv_bias):
         rows = forward_comparisons(programs, torch_to_flax(state_dict), state_dict, x,
                                    train=False).rows
     assert [r.name for r in rows if not r.passed] == ["eval logits, fused"]
+
+
+def _average_pool(x):
+    """A 2x2 average pool where the reference path has its max-pool: a bug of that path only."""
+    b, h, w, c = x.shape
+    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def test_the_layer_rows_judge_the_reference_path(state_dict):
+    """A bug only in `ops.reference` (the blocks' max-pool) fails the layer rows after it and
+    leaves the fused path's logits passing: the layer rows run the reference path, by name."""
+    programs = jax_programs.__wrapped__(LEARNING_RATE, None)  # traced afresh, with the bug
+    x, _ = random_batch(SEED, BATCH)
+    with mock.patch("cbam_jax.ops.reference.max_pool_2x2", _average_pool):
+        rows = forward_comparisons(programs, torch_to_flax(state_dict), state_dict, x,
+                                   train=False).rows
+    failed = {r.name for r in rows if not r.passed}
+    assert {"eval cbam1.channel_attn", "eval fc2"} <= failed
+    assert "eval logits, fused" not in failed and "eval bn1" not in failed
 
 
 # (b) train-mode forward with dropout on, the JAX model's own mask injected into PyTorch's.
@@ -334,17 +354,19 @@ def test_cli_prints_the_eval_logits_first_and_exports(checkpoints, tmp_path):
 def test_cli_exits_1_on_any_failure(monkeypatch, capsys):
     failing = Report("eval logits ...", [Comparison("eval fc2", 1.0, 1e-7, 1.0, 4e-7)],
                      {}, 0, None)
-    monkeypatch.setattr("parity.__main__.run_report", lambda *a, **k: failing)
-    monkeypatch.setattr("parity.__main__.random_state_dict", lambda seed: None)
-    monkeypatch.setattr("parity.__main__.format_table", lambda report: "FAIL")
+    monkeypatch.setattr("parity.report.run_report", lambda *a, **k: failing)
+    monkeypatch.setattr("parity.report.random_state_dict", lambda seed: None)
+    monkeypatch.setattr("parity.report.format_table", lambda report: "FAIL")
     assert main(["--seed", "0"]) == 1
 
 
-def test_cli_rejects_a_checkpoint_of_another_model(tmp_path):
+def test_cli_rejects_a_checkpoint_of_another_model_in_one_line(tmp_path, capsys):
     pth = tmp_path / "other.pth"
     torch.save({"weight": torch.zeros(3)}, pth)
-    with pytest.raises(ValueError, match="missing keys: conv1.weight"):
-        main(["--pth", str(pth)])
+    assert main(["--pth", str(pth)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --pth: {pth}: state_dict does not match")
+    assert "missing keys: conv1.weight" in err and err.count("\n") == 1
 
 
 def test_cli_rejects_a_batch_of_one(capsys):
@@ -353,9 +375,9 @@ def test_cli_rejects_a_batch_of_one(capsys):
     assert "--batch-size must be >= 2, got 1" in capsys.readouterr().err
 
 
-# (d) the JAX-side controls reach the fused ops of CBAMCNN's blocks too (issue 12). The report
-# runs the model layer by layer (it records and intercepts module calls; layers.layer_by_layer),
-# so it sees the plain ops; training outside the report runs `ops.conv_bn_relu_pool`, whose
+# (d) the JAX-side controls reach both paths of CBAMCNN's blocks. The report's layer rows and
+# Adam steps run the reference path (`fused=False`: it records and intercepts module calls);
+# its fused rows and training outside the report run `ops.fused.conv_bn_relu_pool`, whose
 # BatchNorm, running update and max-pool must carry the same bug.
 
 def _tied_block_inputs():
@@ -372,17 +394,13 @@ def _tied_block_inputs():
     return jnp.asarray(x), kernel, conv_bias, scale, bias, running
 
 
-def _block_vjp(layer_by_layer: bool):
+def _block_vjp(ops):
     """(y, running) of the block in training and d sum(y * g) / d(x, kernel), as
-    `ops.conv_bn_relu_pool` or as CBAMCNN's layer-by-layer path computes them."""
+    `ops.conv_bn_relu_pool` computes them (`ops`: cbam_jax.ops.fused or .reference)."""
     x, kernel, conv_bias, scale, bias, running = _tied_block_inputs()
     kw = dict(train=True, momentum=0.1, epsilon=1e-5)
 
     def block(x, kernel):
-        if layer_by_layer:
-            h = ops.conv_same(x, kernel) + conv_bias
-            z, updated = ops.batch_norm(h, scale, bias, running, **kw)
-            return ops.max_pool_2x2(jax.nn.relu(z)), updated
         return ops.conv_bn_relu_pool(x, kernel, conv_bias, scale, bias, running, **kw)
 
     (y, updated), vjp = jax.vjp(block, x, kernel)
@@ -395,24 +413,24 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-# Fused vs layer-by-layer: float32 sums over n = 128 values in other orders, each within
+# Fused vs reference: float32 sums over n = 128 values in other orders, each within
 # n * eps32 = 1.5e-5 relative of the exact sum in the worst case; 3e-5 covers a few in a row.
 PATHS_TOLERANCE = 3e-5
 
 
 @pytest.mark.parametrize("name", ["flax-running-variance", "max-pool-gradient-to-every-maximum"])
-def test_a_control_puts_its_bug_in_the_fused_block_and_the_layer_path_alike(name):
-    normal = _block_vjp(layer_by_layer=False)
+def test_a_control_puts_its_bug_in_the_fused_block_and_the_reference_alike(name):
+    normal = _block_vjp(fused)
     with controls.applied(name):
-        fused, layers = _block_vjp(False), _block_vjp(True)
+        fast, plain = _block_vjp(fused), _block_vjp(reference_ops)
     # Inside the control the two paths agree (values, running statistics, gradients) ...
-    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(layers)):
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)):
         assert _rel(a, b) < PATHS_TOLERANCE
-    np.testing.assert_array_equal(fused[0], normal[0])  # the forward is not what is wrong
+    np.testing.assert_array_equal(fast[0], normal[0])  # the forward is not what is wrong
     if name == "flax-running-variance":
         # ... and the fused block's running variance is the biased one: (n - 1) / n of it.
-        np.testing.assert_allclose(fused[1][1], normal[1][1] * (127 / 128), rtol=PATHS_TOLERANCE)
-        assert _rel(fused[2][0], normal[2][0]) < PATHS_TOLERANCE
+        np.testing.assert_allclose(fast[1][1], normal[1][1] * (127 / 128), rtol=PATHS_TOLERANCE)
+        assert _rel(fast[2][0], normal[2][0]) < PATHS_TOLERANCE
     else:
         # ... and the tied windows' gradient reaches all four elements, changing the input's.
-        assert _rel(fused[2][0], normal[2][0]) > 0.1
+        assert _rel(fast[2][0], normal[2][0]) > 0.1

@@ -1,13 +1,17 @@
 """CBAM's options and its presets: tutorial (default), official, timm. Runtime: ~40 s of CPU."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import cbam_jax
 from cbam_jax import CBAM, ChannelAttention, SpatialAttention
-from cbam_jax.layers import CBAM_PRESETS
-from cbam_jax.ops import reduced_width
+from cbam_jax import nnx as cbam_nnx
+from cbam_jax.options import CBAM_PRESETS, CBAMOptions, ChannelOptions, SpatialOptions
 
 
 def _sigmoid(z):
@@ -78,12 +82,14 @@ def test_timm_preset_width_is_timms_make_divisible(channels):
 
 @pytest.mark.parametrize(("channels", "expected"), [(24, (1, 2)), (40, (2, 3)), (8, (1, 1))])
 def test_floor_and_nearest_rounding_of_the_hidden_width(channels, expected):
-    assert (reduced_width(channels, 16), reduced_width(channels, 16, rd_round="nearest")) == expected
+    widths = (ChannelOptions().hidden_width(channels),
+              ChannelOptions(rd_round="nearest").hidden_width(channels))
+    assert widths == expected
 
 
 def test_explicit_hidden_features_and_the_floor():
-    assert reduced_width(64, 16, hidden_features=5) == 5
-    assert reduced_width(8, 16, min_hidden=4) == 4
+    assert ChannelOptions(hidden_features=5).hidden_width(64) == 5
+    assert ChannelOptions(min_hidden=4).hidden_width(8) == 4
     variables = _shapes(ChannelAttention(hidden_features=5), (1, 3, 3, 64))
     assert variables["params"]["fc_0"]["kernel"].shape == (64, 5)
 
@@ -93,7 +99,7 @@ def test_explicit_hidden_features_and_the_floor():
 def test_channel_pools_bias_and_activation_match_their_definition(pool_types):
     """gate = sigmoid(sum_p W2 act(W1 pool_p(x) + b1) + b2); lp = sqrt(sum x^2), lse = log sum exp."""
     x = jax.random.normal(jax.random.key(4), (2, 3, 5, 32))
-    module = ChannelAttention(ratio=8, pool_types=pool_types, use_bias=True, act=nn.tanh)
+    module = ChannelAttention(ratio=8, pool_types=pool_types, mlp_bias=True, act=nn.tanh)
     variables, y = _init_apply(module, x)
     p = {k: {n: np.asarray(a, np.float64) for n, a in v.items()} for k, v in variables["params"].items()}
     xn = np.asarray(x, np.float64)
@@ -115,7 +121,7 @@ def test_gate_function_is_used_by_both_gates():
 @pytest.mark.parametrize("order", [("avg", "max"), ("max", "avg")])
 def test_spatial_pool_order_sets_the_conv_inputs(order):
     x = jax.random.normal(jax.random.key(6), (1, 4, 6, 8))
-    module = SpatialAttention(kernel_size=1, pool_order=order)
+    module = SpatialAttention(kernel_size=1, spatial_pool_order=order)
     variables = {"params": {"conv": {"kernel": jnp.array([1.0, 0.0]).reshape(1, 1, 2, 1)}}}
     y = module.apply(variables, x)  # the 1x1 conv reads only the first map
     xn = np.asarray(x, np.float64)
@@ -134,7 +140,7 @@ def test_spatial_batchnorm_trains_with_its_momentum_and_evaluates_with_running_s
     assert int(stats["num_batches_tracked"]) == 1
 
     # The conv's output, recomputed: the BatchNorm's input.
-    gated = ChannelAttention(use_bias=True).apply(
+    gated = ChannelAttention(mlp_bias=True).apply(
         {"params": variables["params"]["channel_attn"]}, x)
     maps = jnp.stack([gated.max(-1), gated.mean(-1)], -1)
     conv = nn.Conv(1, (7, 7), padding=3, use_bias=False)
@@ -147,7 +153,7 @@ def test_no_spatial_is_channel_attention_alone():
     x = jax.random.normal(jax.random.key(8), (2, 4, 4, 32))
     variables, y = _init_apply(CBAM.preset("official", no_spatial=True), x)
     assert set(variables) == {"params"} and set(variables["params"]) == {"channel_attn"}
-    expected = ChannelAttention(use_bias=True).apply({"params": variables["params"]["channel_attn"]},
+    expected = ChannelAttention(mlp_bias=True).apply({"params": variables["params"]["channel_attn"]},
                                                      x)
     np.testing.assert_array_equal(y, expected)
 
@@ -168,9 +174,43 @@ def test_presets_compute_in_bfloat16_with_float32_params(preset):
 @pytest.mark.parametrize(("module", "match"), [
     (ChannelAttention(pool_types=("avg", "min")), r"pool_types must be .*\['avg', 'lp', 'lse', 'max'\]"),
     (ChannelAttention(pool_types=()), "pool_types"),
-    (SpatialAttention(pool_order="max"), r"pool_order must be .*\['avg', 'max'\]"),
+    (SpatialAttention(spatial_pool_order="max"), r"spatial_pool_order must be .*\['avg', 'max'\]"),
+    (SpatialAttention(bn_momentum=1.5), r"bn_momentum must be in \[0, 1\]"),
     (ChannelAttention(rd_round="ceil"), "rd_round must be 'floor' or 'nearest'"),
 ])
 def test_bad_options_name_what_was_expected(module, match):
     with pytest.raises(ValueError, match=match):
         module.init(jax.random.key(0), jnp.ones((1, 4, 4, 32)))
+
+
+# --- one definition of the options, for every layer and both APIs ------------------------------
+
+LAYER_OPTIONS = {"ChannelAttention": ChannelOptions, "SpatialAttention": SpatialOptions,
+                 "CBAM": CBAMOptions}
+
+
+@pytest.mark.parametrize("layer", LAYER_OPTIONS)
+def test_each_layer_takes_its_options_with_their_names_and_defaults(layer):
+    """The Linen layers' option fields are the options classes' (one name and default each);
+    the NNX constructors build the same class from their keywords."""
+    module_fields = {f.name: f.default for f in dataclasses.fields(getattr(cbam_jax, layer))}
+    options = {f.name: f.default for f in dataclasses.fields(LAYER_OPTIONS[layer])}
+    assert {k: module_fields[k] for k in options} == options
+    assert set(module_fields) - set(options) <= {"dtype", "param_dtype", "fused", "parent", "name"}
+    kwargs = {"in_features": 32} if layer != "SpatialAttention" else {}
+    built = nnx.eval_shape(lambda: getattr(cbam_nnx, layer)(rngs=nnx.Rngs(0), **kwargs))
+    assert built.options == LAYER_OPTIONS[layer]()
+
+
+def test_the_cbam_options_are_the_channel_and_spatial_ones_and_no_spatial():
+    channel = {f.name for f in dataclasses.fields(ChannelOptions)}
+    spatial = {f.name for f in dataclasses.fields(SpatialOptions)}
+    assert {f.name for f in dataclasses.fields(CBAMOptions)} == channel | spatial | {"no_spatial"}
+    assert channel & spatial == {"gate"}  # one gate function for both
+
+
+def test_a_layer_refuses_an_option_it_does_not_have():
+    with pytest.raises(TypeError, match="kernel_size"):
+        ChannelAttention(kernel_size=3)
+    with pytest.raises(TypeError, match="kernel_size"):
+        cbam_nnx.ChannelAttention(32, kernel_size=3, rngs=nnx.Rngs(0))

@@ -1,4 +1,5 @@
-"""The README's promises: its commands exist, and every Python example in it runs."""
+"""The README's promises: it opens with what cbam-jax is and its results, its set-up commands
+exist, and every Python example in it runs (tests/test_docs.py checks its links and paths)."""
 import pathlib
 import re
 import subprocess
@@ -11,7 +12,21 @@ README = (ROOT / "README.md").read_text()
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 
-def test_readme_opens_with_the_two_setup_commands():
+def test_readme_names_the_paper_the_official_code_and_the_tutorial():
+    intro = README.split("\n## ", 1)[0]
+    assert "https://arxiv.org/abs/1807.06521" in intro
+    assert "https://github.com/Jongchan/attention-module" in intro
+    assert "Python打卡day49" in intro  # the tutorial's own title
+
+
+def test_readme_opens_with_a_results_table_before_any_command():
+    first_section = README.split("\n## ", 2)[1]
+    assert first_section.startswith("Results\n")
+    assert re.search(r"^\|.*\|$", first_section, flags=re.M)
+    assert README.index("\n## Results") < README.index("```")
+
+
+def test_readme_first_commands_are_the_two_setup_commands():
     first_block = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1)
     commands = [line.split("#")[0].strip() for line in first_block.splitlines()]
     assert commands == ["make train", "make test"]

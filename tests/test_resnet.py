@@ -151,3 +151,19 @@ def test_bad_stem_and_rank_name_what_was_expected():
         _params(cbam_resnet18(stem="tiny"))
     with pytest.raises(ValueError, match=r"\[batch, height, width, channels\]"):
         _params(cbam_resnet18(), (32, 32, 3))
+
+
+def test_integer_input_is_refused_saying_how_to_cast():
+    model = cbam_resnet18(num_classes=10, stem="cifar")
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    with pytest.raises(ValueError, match=r"CBAMResNet expects floating-point input .* got "
+                                         r"uint8: cast it first"):
+        jax.eval_shape(model.apply, variables, jnp.zeros((2, 16, 16, 3), jnp.uint8))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_empty_batch_in_evaluation_gives_empty_logits(fused):
+    model = cbam_resnet18(num_classes=10, stem="cifar", fused=fused)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    logits = jax.eval_shape(model.apply, variables, jnp.zeros((0, 16, 16, 3)))
+    assert (logits.shape, logits.dtype) == ((0, 10), jnp.float32)

@@ -5,7 +5,7 @@ Runtime budget (2 CPU cores): about 2-3 minutes, mostly XLA compiles of the trai
 batch, final partial batch, gradient-returning variant, rolled loop) shared by all runs through
 `cbam_jax.train.build`'s cache. All runs use the full digits set (same shapes, so no recompiles):
 8 epochs, then 2 + 1 + 1 for determinism and resume, 2 to a NaN, 1 with the rolled loop,
-1 read at every batch.
+1 read at every batch. Slow: 2 epochs at the recipe's cadences (1 min at a load average of 5).
 """
 import dataclasses
 import re
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbam_jax import train
+from cbam_jax import rundir, train
 from cbam_jax.checkpoint import Checkpoints
 from cbam_jax.data import load_dataset
 from cbam_jax.distributed import make_mesh
@@ -25,9 +25,10 @@ from cbam_jax.loader import pad_to_batches, place_data
 from cbam_jax.logbook import event_files, read_events
 from cbam_jax.naming import named_leaves
 from cbam_jax.recipe import TrainConfig
+from cbam_jax.rundir import ResumeMismatchError, RunDirError
 from cbam_jax.schedule import PlateauState
-from cbam_jax.train import (Call, CallShape, NonFiniteLossError, ResumeMismatchError, build,
-                            call_shape, create_train_state, epoch_plan, evaluate, fit)
+from cbam_jax.train import (Call, CallShape, NonFiniteLossError, build, call_shape,
+                            create_train_state, epoch_plan, evaluate, fit)
 
 # Batch 32: twice the updates of batch 64 for the same compute, which digits needs under the
 # tutorial's augmentation to pass 90% within a few epochs (measured: 95.0% after 8 epochs,
@@ -105,6 +106,22 @@ def test_event_files_hold_every_tag_at_the_tutorial_steps(full_run):
     assert "batch_size" in tags["Hyperparameters/text_summary"][0].tensor.string_val[0].decode()
 
 
+@pytest.mark.slow
+def test_every_epoch_logs_batch_scalars_and_histograms_when_it_is_shorter_than_the_cadences(
+        digits, tmp_path):
+    """The recipe's cadences (100 and 500 batches) on digits' 45 batches of 32: each epoch
+    logs its last batch, at the tutorial's global step."""
+    run = fit(dataclasses.replace(TrainConfig(), epochs=2, batch_size=32), digits,
+              tmp_path / "run", log=quiet, progress_stream=open("/dev/null", "w"))
+    tags = summaries(run.run_dir)
+    steps = {44, DIGITS_BATCHES + 44}
+    for tag in ("Train/Batch_Loss", "Train/Batch_Accuracy", "Train/Learning_Rate",
+                "weights/conv1.weight", "grads/conv1.weight", "weights/fc2.bias"):
+        assert set(tags[tag]) == steps, tag
+    assert tags["Train/Batch_Loss"][44].simple_value == np.float32(run.history.iter_loss[44])
+    assert tags["grads/fc1.weight"][44].histo.num == 512 * 2048
+
+
 def test_plots_are_valid_png_images(full_run):
     sizes = {"iteration_loss.png": (1000, 400), "epoch_metrics.png": (1200, 400),
              "attention_maps.png": (800, 1600)}
@@ -147,6 +164,24 @@ def short_runs(digits, tmp_path_factory):
     return whole, first, resumed
 
 
+def test_run_json_records_the_settings_and_a_resume_its_larger_epoch_count(short_runs):
+    whole, first, resumed = short_runs
+    record = rundir.read_record(whole.run_dir)
+    assert record == {"config": dataclasses.asdict(SHORT), "dataset": "digits",
+                      "data_dir": None, "checkpoint_dir": None,
+                      "devices": jax.device_count(), "processes": 1}
+    assert rundir.read_record(resumed.run_dir) == record  # recorded 1 epoch, resumed to 2
+
+
+def test_a_new_run_in_a_used_directory_is_refused_before_anything_is_built(digits,
+                                                                           short_runs):
+    run_dir = short_runs[0].run_dir
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(RunDirError, match="already holds a run: continue it with --resume"):
+        fit(SHORT, digits, run_dir, log=pytest.fail)  # the parameter table is never logged
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
 def test_same_seed_gives_identical_metrics(full_run, short_runs):
     whole, first, _ = short_runs
     assert first.epochs_done == 1
@@ -169,7 +204,7 @@ def test_kill_and_resume_equals_uninterrupted_run_bitwise(short_runs):
 
 
 def test_resume_with_other_settings_is_refused(digits, short_runs):
-    with pytest.raises(ResumeMismatchError, match="seed: 0 != 7"):
+    with pytest.raises(ResumeMismatchError, match=r"--seed 7 \(recorded: 0\)"):
         fit(dataclasses.replace(SHORT, seed=7), digits, short_runs[2].run_dir, resume=True,
             log=quiet)
 

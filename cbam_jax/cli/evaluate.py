@@ -16,17 +16,22 @@ import sys
 from pathlib import Path
 
 from cbam_jax import recipe
-from cbam_jax.recipe import POSITIVE_INT
+from cbam_jax.cli import check_out_dir, checkpoint_modules, command, error_exit, require
+from cbam_jax.recipe import DEFAULT_DATA_DIR, POSITIVE_INT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Evaluate a trained CBAM model on the test split of its data set: loss, "
-                    "accuracy, per-class accuracy, confusion matrix.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "accuracy, per-class accuracy, confusion matrix. A checkpoint is checked "
+                    "against its SHA256SUMS first: a damaged one is refused (--which picks the "
+                    "other of best/latest).",
+        epilog=recipe.DEBUG_HELP)
     recipe.add_checkpoint_flags(p)
-    p.add_argument("--data-dir", default="./data", help="where CIFAR-10 is looked for "
-                                                        "(as scripts/train.py)")
+    p.add_argument("--data-dir", default=None,
+                   help=f"where CIFAR-10 is looked for, as in scripts/train.py (default: the "
+                        f"directory the run read it from, which its {recipe.RUN_RECORD} records; "
+                        f"else {DEFAULT_DATA_DIR})")
     p.add_argument("--no-download", action="store_true",
                    help="never download CIFAR-10; use only local copies")
     p.add_argument("--devices", type=POSITIVE_INT.parse, default=None,
@@ -38,8 +43,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.out_dir is not None:
+        check_out_dir(args.out_dir, "--out-dir")
+    require(*checkpoint_modules(args.checkpoint), "sklearn", "matplotlib")
     from cbam_jax import runtime
     from cbam_jax.inference import read_run_record
 
@@ -52,7 +61,11 @@ def main(argv=None) -> int:
     # float32 operations in the same order. On another device count the partial sums group
     # differently and the last bits may change (on a digits run 1 and 2 devices happened to
     # agree); the accuracy, a count, is exact on any.
-    record = read_run_record(args.checkpoint) or {}
+    try:
+        record = read_run_record(args.checkpoint) or {}
+    except ValueError as e:  # a run.json that is not a run record
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     batch_size = record.get("config", {}).get("batch_size", recipe.TrainConfig().batch_size)
     devices = args.devices or record.get("devices") or runtime.cpu_devices_for(batch_size)
     runtime.configure_cpu(devices)  # a CPU host; the same default as scripts/train.py
@@ -74,12 +87,16 @@ def main(argv=None) -> int:
     try:
         trained = load_checkpoint(args.checkpoint, which=args.which, dataset=args.dataset,
                                   mesh=mesh)
-        dataset = load_dataset(trained.dataset, args.data_dir, download=not args.no_download,
+        data_dir = args.data_dir or record.get("data_dir") or DEFAULT_DATA_DIR
+        dataset = load_dataset(trained.dataset, data_dir, download=not args.no_download,
                                log=lambda *_: None)
         data = place_data(dataset, mesh, trained.config.batch_size)
-    except (FileNotFoundError, ValueError, DatasetUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (FileNotFoundError, ValueError, DatasetUnavailableError) as e:  # ValueError: also
+        return error_exit(e)  # a damaged checkpoint (checkpoint.DamagedCheckpointError)
+    if trained.verified is False:
+        from cbam_jax.checkpoint import unverified_note
+
+        print(unverified_note(trained.source), file=sys.stderr)
     if trained.devices is not None and trained.devices != mesh.size:
         print(f"note: the run split each batch over {trained.devices} devices, this evaluation "
               f"over {mesh.size}: the loss may differ in its last digits", file=sys.stderr)
@@ -91,12 +108,17 @@ def main(argv=None) -> int:
     print_report(report)
 
     out_dir = Path(args.out_dir or find_run_dir(trained.source) or ".")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")
     which = f"epoch {trained.epoch}" if trained.epoch else trained.source.name
-    plot_confusion_matrix(report["confusion_matrix"], dataset.class_names,
-                          f"{trained.config.model} ({which}) on the {dataset.name} test split: "
-                          f"accuracy {test_acc:.2f}%", out_dir / "confusion_matrix.png")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "evaluation.json"
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        path = out_dir / "confusion_matrix.png"
+        plot_confusion_matrix(report["confusion_matrix"], dataset.class_names,
+                              f"{trained.config.model} ({which}) on the {dataset.name} test "
+                              f"split: accuracy {test_acc:.2f}%", path)
+    except OSError as e:  # a full disk, a permission denied: name the file
+        return error_exit(OSError(e.errno, e.strerror or str(e), str(e.filename or path)))
     print(f"Wrote {out_dir / 'evaluation.json'} and {out_dir / 'confusion_matrix.png'}")
     return 0
 

@@ -1,10 +1,11 @@
-"""Classify your own images, see where CBAM looks: `python scripts/predict.py CHECKPOINT IMAGE...`
+"""Classify your own images, see where CBAM looks: `cbam-predict CHECKPOINT IMAGE...`
 
 IMAGE is a PNG or JPEG file, or a folder (its *.png, *.jpg, *.jpeg files). Each image is turned
-upright by its EXIF orientation, converted to RGB and resized to 32x32 with Pillow's bilinear
-filter (antialiased when shrinking), ignoring its aspect ratio; then normalised as the
-tutorial's test transform (ToTensor + Normalize with CIFAR-10's mean and std). The script prints
-each image's top-k classes with their probabilities and writes one figure per image into
+upright by its EXIF orientation, converted to 8-bit RGB (16-bit grey scaled to 8 bits,
+transparent pixels laid over white: `cbam_jax.inference.load_image`) and resized to 32x32 with
+Pillow's bilinear filter (antialiased when shrinking), ignoring its aspect ratio; then normalised
+as the tutorial's test transform (ToTensor + Normalize with CIFAR-10's mean and std). The script
+prints each image's top-k classes with their probabilities and writes one figure per image into
 --out-dir: the 32x32 input, and each CBAM block's spatial attention gate upsampled bilinearly
 and laid over it.
 
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from cbam_jax import recipe
+from cbam_jax.cli import CommandError, check_out_dir, checkpoint_modules, command, require
 from cbam_jax.recipe import POSITIVE_INT
 
 RESIZE_NOTE = ("each image is resized to 32x32 with Pillow's bilinear filter (antialiased when "
@@ -27,16 +29,18 @@ RESIZE_NOTE = ("each image is resized to 32x32 with Pillow's bilinear filter (an
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Top-k classes and CBAM spatial attention maps of PNG/JPEG images, from a "
-                    f"trained checkpoint; {RESIZE_NOTE}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    f"trained checkpoint; {RESIZE_NOTE}.")
     recipe.add_checkpoint_flags(p)
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="PNG or JPEG files, or folders of them (*.png, *.jpg, *.jpeg)")
     p.add_argument("--top-k", type=POSITIVE_INT.parse, default=3,
-                   help="how many classes to print per image, most probable first")
+                   help="how many classes to print per image, most probable first (default: %(default)s)")
     p.add_argument("--batch-size", type=POSITIVE_INT.parse, default=64,
-                   help="images per compiled step (changes the speed, not the answers)")
-    p.add_argument("--out-dir", default="predictions", help="where the figures go")
+                   help="images per compiled step (changes the speed, not the answers; default: "
+                        "%(default)s)")
+    p.add_argument("--out-dir", default="predictions",
+                   help="the folder the figures go into, made when the first is written (default: "
+                        "%(default)s)")
     p.add_argument("--no-figures", action="store_true",
                    help="print the classes only: the figures (matplotlib) are the slow part")
     return p.parse_args(argv)
@@ -71,8 +75,12 @@ def figure_names(files: list[Path]) -> list[str]:
     return names
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out_dir = None if args.no_figures else check_out_dir(args.out_dir, "--out-dir")
+    require("PIL", *checkpoint_modules(args.checkpoint),
+            *(() if args.no_figures else ("matplotlib",)))
     from cbam_jax import runtime
 
     runtime.configure_cpu(1)  # before JAX starts: XLA:CPU's fast convolutions, one device
@@ -113,17 +121,19 @@ def main(argv=None) -> int:
     images = np.stack(images)
     result = predict(trained.state, images, top_k=args.top_k, batch_size=args.batch_size,
                      attention=not args.no_figures)
-    out_dir = Path(args.out_dir)
-    if not args.no_figures:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. no permission
+            raise CommandError(f"--out-dir {out_dir}: {e.strerror or e}") from None
     for i, (file, figure) in enumerate(zip(readable, figure_names(readable))):
         top = [(names[c], float(p)) for c, p in zip(result.classes[i], result.probabilities[i])]
         print(f"{file}: " + ", ".join(f"{name} {p:.3f}" for name, p in top))
-        if not args.no_figures:
+        if out_dir is not None:
             caption = "\n".join(f"{name}: {p:.1%}" for name, p in top[:3])
             plot_prediction(images[i], [gate[i] for gate in result.attention], caption,
                             out_dir / figure)
-    if not args.no_figures:
+    if out_dir is not None:
         print(f"{len(readable)} figure(s) in {out_dir}")
     if errors:
         print(f"{len(errors)} input(s) failed, {len(readable)} image(s) predicted",
