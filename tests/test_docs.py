@@ -211,6 +211,37 @@ def test_what_is_not_yet_checked_still_needs_the_exception():
     assert all(narration(path.read_text(), CODE_NARRATION) for path in NOT_YET_CHECKED)
 
 
+# The fast forms in cbam_jax/ops/fused.py each name the row of docs/benchmarks.md that keeps
+# them: `row "..."` or `rows "...", "..." and "..."`, quoted as the table spells it.
+CITED_ROWS = re.compile(r'\brows? ((?:"[^"]+"(?: \([^)]*\))?(?:,? (?:and )?)?)+)')
+
+
+def cited_rows(text: str) -> list:
+    """The rows that `text` (code: comment marks and indentation are dropped) cites."""
+    joined = " ".join(line.strip().lstrip("#").strip() for line in text.splitlines())
+    return [row for group in CITED_ROWS.findall(joined) for row in re.findall(r'"([^"]+)"', group)]
+
+
+def missing_rows(text: str, table: str) -> list:
+    """The rows cited in `text` that no cell of the Markdown `table` starts with."""
+    table = " ".join(table.split())
+    return [row for row in cited_rows(text) if f"| {row}" not in table]
+
+
+def test_every_benchmark_row_the_fast_forms_cite_exists():
+    fused = (ROOT / "cbam_jax" / "ops" / "fused.py").read_text()
+    assert len(cited_rows(fused)) >= 10
+    assert missing_rows(fused, (ROOT / "docs" / "benchmarks.md").read_text()) == []
+
+
+def test_a_cited_row_that_is_not_in_the_table_is_found():
+    text = ('Kept by docs/benchmarks.md, rows "no conv bias in\n    # training" (1.03x) and '
+            '"a row"')
+    assert cited_rows(text) == ["no conv bias in training", "a row"]
+    table = "| no conv bias in training (`ops.fused.x`) | ... |\n| another row | ... |"
+    assert missing_rows(text, table) == ["a row"]
+
+
 def test_readme_and_benchmarks_stay_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
     assert len((ROOT / "docs" / "benchmarks.md").read_text().splitlines()) <= 250
