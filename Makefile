@@ -2,8 +2,9 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-# A CPU build of torch: on this project's machines pip takes torch==2.13.0 from local disk.
-# Elsewhere, e.g.: make install TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+# The torch that parity is tested with, unless .venv already has one. On Linux PyPI's default
+# wheel is a CUDA build; for the CPU one:
+#   make install TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH ?= torch==2.13.0
 ARGS ?=
 

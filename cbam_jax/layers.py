@@ -4,7 +4,7 @@ their architectures with.
 
 All layers take NHWC floating-point input `x: [B, H, W, C]`; channels are inferred from the
 input at `init`. The CBAM layers' fields are `cbam_jax.options`' (the same names and defaults
-as the NNX layers'); defaults reproduce the tutorial's PyTorch modules (see shared/SPEC.md),
+as the NNX layers'); defaults reproduce the tutorial's PyTorch modules (`parity/reference.py`),
 and parameter names map one-to-one onto theirs (`fc_0` <-> `fc.0`, `kernel` <-> `weight`).
 `fused=True` (the default) computes with `cbam_jax.ops.fused`, `fused=False` with
 `cbam_jax.ops.reference`.
@@ -102,9 +102,10 @@ class ConvSame(nn.Module):
 class ChannelAttention(nn.Module, ChannelOptions, kw_only=True):
     """Channel gate: a shared MLP over global pools (average and max), summed, then sigmoid.
 
-    The hidden width is `channels // ratio`, floored at `min_hidden` (1): the tutorial's module
-    builds a zero-width layer (and fails) for fewer than `ratio` channels; a reusable block
-    should still work there, and for channels >= ratio the result is the tutorial's exactly.
+    The hidden width is `channels // ratio`, floored at `min_hidden` (1): for fewer than `ratio`
+    channels the tutorial's module builds a zero-width layer, whose gate ignores the input (a
+    constant 0.5); a reusable block should still attend there, and for channels >= ratio the
+    result is the tutorial's exactly.
     """
 
     dtype: Dtype | None = None

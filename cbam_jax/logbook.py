@@ -1,10 +1,10 @@
 """Where a run's measurements go: TensorBoard event files, the progress line, PNG plots.
 
-Tags and cadence are the tutorial's (shared/SPEC.md, "Logging"), plus the test metrics, epoch
-time, throughput, attention maps and hyperparameters it left out. Steps follow the tutorial
-too: the per-batch tags and histograms are at the global batch step, the per-epoch tags (and
-the attention images) at the 0-based epoch. The batch cadences count within the epoch, as the
-tutorial's do; an epoch shorter than a cadence records its last batch
+Tags and cadence are the tutorial's (docs/recipe.md, "What is reported and logged"), plus the
+test metrics, epoch time, throughput, attention maps and hyperparameters it left out. Steps
+follow the tutorial too: the per-batch tags and histograms are at the global batch step, the
+per-epoch tags (and the attention images) at the 0-based epoch. The batch cadences count within
+the epoch, as the tutorial's do; an epoch shorter than a cadence records its last batch
 (`recipe.cadence_in_epoch`), so every data set gets every tag.
 
 Nothing is lost on a kill: events are written synchronously (tensorboardX's summary builders and

@@ -85,7 +85,7 @@ class CBAMOptions(SpatialOptions, ChannelOptions):
 
 # What each known implementation differs in from the tutorial's defaults.
 CBAM_PRESETS = {
-    # The tutorial (shared/SPEC.md): bias-free MLP, C // 16, spatial [avg, max], no BatchNorm.
+    # The tutorial (parity/reference.py): bias-free MLP, C // 16, spatial [avg, max], no BatchNorm.
     "tutorial": {},
     # Jongchan/attention-module MODELS/cbam.py: Linear MLP with biases, pools summed avg + max
     # (pool_types may add "lp", "lse"); ChannelPool is cat(max, mean); bias-free 7x7 conv then

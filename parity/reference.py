@@ -8,7 +8,7 @@ whose gate is a constant 0.5 (`cbam_jax.ChannelAttention` floors the width at 1 
 import torch
 import torch.nn as nn
 
-# The tutorial's printed listing of CBAM_CNN's parameters, in order (SPEC.md).
+# The tutorial's printed listing of CBAM_CNN's parameters, in order (docs/recipe.md).
 TUTORIAL_COUNTS = {
     "conv1.weight": 864, "conv1.bias": 32, "bn1.weight": 32, "bn1.bias": 32,
     "cbam1.channel_attn.fc.0.weight": 64, "cbam1.channel_attn.fc.2.weight": 64,

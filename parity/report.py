@@ -54,8 +54,8 @@ EPS32 = float(np.finfo(np.float32).eps)  # 2**-23: one float32 ulp relative to 1
 # same float32 operations in other orders, so their errors are of one size on large tensors, but
 # on small ones (fc2.bias has 10 entries, the channel gates' MLPs 64 to 1024, a conv bias's zero
 # gradient is pure noise) one or two entries set the max, and its ratio varies by several times:
-# up to 8 observed (README, "Parity with PyTorch"). Real bugs are off by far more (the negative
-# controls in parity/controls.py).
+# up to 8 observed (docs/parity.md, "The referee: float64"). Real bugs are off by far more (the
+# negative controls in parity/controls.py).
 ERROR_RATIO = 16.0
 # A floor for rows where PyTorch float32 happens to land (nearly) on the truth: every float32
 # result is rounded at least once and passes through several roundings on its way (a conv, a

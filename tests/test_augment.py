@@ -8,7 +8,7 @@ unit (2^-16 pixel) off and move a source pixel when its coordinate is that close
 edge: measured 1.0e-5 of pixels over 512 images; allowed 2e-4.
 HSV conversions are checked both ways on all 2^24 byte triples (Pillow's own conversion of a
 4096 x 4096 image is the reference).
-Runtime: about 40 s on the shared 2-core machine under load, ~9 s of it the two exhaustive HSV
+Runtime: about 40 s on 2 CPU cores, ~9 s of it the two exhaustive HSV
 checks, most of the rest compiling the vmapped transforms once each."""
 import functools
 import itertools

@@ -1,10 +1,9 @@
 """scripts/benchmark.py in a tiny configuration: the structure of what it reports, not timings.
 
 Cost: one small compile per JAX contender, Dynamo traces of the torch.compile rows (the "eager"
-backend) and a few DataLoader passes: 1 min 21 s at load average 3-6 on the 2 shared cores
-(the report fixture 49 s, the train-call variants 31 s). With a 1-epoch `full_recipe`
-(train.fit) included it took 14.8 min wall (~3.5 min CPU) at load average ~10, so the recipe is
-left to `--full-recipe` runs (and to tests/test_gpu_check.py's tiny run).
+backend) and a few DataLoader passes: about 1.5 min on 2 CPU cores (the report fixture 49 s,
+the train-call variants 31 s). A 1-epoch `full_recipe` (train.fit) would add about 3.5 min of
+CPU, so the recipe is left to `--full-recipe` runs (and to tests/test_gpu_check.py's tiny run).
 """
 import importlib.util
 import json
@@ -49,7 +48,7 @@ def _check_result(result, names, baseline, reps):
     assert base["ratio_median"] == 1.0
     compiled = [row for row in result["rows"] if row["name"].startswith("torch.compile")]
     assert result["compiled"] == (compiled[0]["name"] if compiled else None)
-    for row in result["rows"]:  # the issue's targets are ratios to torch.compile
+    for row in result["rows"]:  # the speed targets are ratios to torch.compile
         assert ("ratio_vs_compiled" in row) == bool(compiled)
         if compiled:
             ratio = row["ratio_vs_compiled"]

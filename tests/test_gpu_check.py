@@ -3,8 +3,8 @@ and output format without a GPU; the pieces that decide what a GPU run does are 
 
 Cost: one `gpu_check.sh --tiny` run (7 child processes; JAX compiles of 3 train-call variants,
 the augmentation and a 2-epoch train.fit; a parity report) and one prerequisite check; the rest
-takes seconds. Measured on the 2 shared cores: 1 min 50 s at load average 3-6 (the tiny run
-106 s); 5-6 min at load average 10-12 (the tiny run 294-347 s, the file 2 min 6 s of CPU).
+takes seconds. On 2 CPU cores: about 2 min (the tiny run 106 s), and up to 6 min when other
+jobs share the cores.
 """
 import importlib.util
 import json
@@ -46,8 +46,9 @@ def test_tiny_run_passes_every_step(tiny):
         name: "ok" for name in gpu_check.STEP_NAMES}
 
 
-def test_outputs_fit_what_the_device_tool_brings_back(tiny):
-    """At most 8 files, at most 2 folders deep, names of letters, digits, '.', '_', '-'."""
+def test_outputs_are_the_three_named_files_small_and_plainly_named(tiny):
+    """Exactly gpu_check.json, .md and .log, each under 16 MiB, named with letters, digits, '.',
+    '_' and '-' only: easy to copy off a remote machine."""
     _, out, _ = tiny
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert files == sorted(gpu_check.OUTPUT_NAMES)

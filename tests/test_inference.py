@@ -3,9 +3,8 @@
 
 The run is `scripts/train.py --dataset digits --epochs 1` in a subprocess, as a user trains it
 (on a CPU host it splits each batch over one device per core), shared by every test here.
-Runtime, measured on the shared 2-core machine: 3 min 22 s at a load average of 12 (of which
-the training subprocess 123 s, the evaluate subprocess 16 s, the StableHLO export and reload
-15 s, the ONNX export 13 s); the training subprocess alone took 50 s at a load of 5.
+Runtime on 2 CPU cores: 2-3.5 min, most of it the training subprocess (50-123 s), then the
+evaluate subprocess (16 s), the StableHLO export and reload (15 s) and the ONNX export (13 s).
 """
 import json
 import os

@@ -24,9 +24,8 @@ All processes share one compilation cache: the first kill lands while the cold c
 filled (a real compilation), and the later processes load the compiled steps from it.
 
 Runtime: 13 processes (the 11 killed, the last resume, the reference), about 10 epochs in all.
-Measured on 2 cores shared with other jobs, with ten moments: 2 min 10 s at a load average of 3
-(2.5 min of CPU time over all processes), 3 min 41 s at 7, 7 min at 12; with eleven: 5 min 2 s
-at a load average of 5 (3.5 min of user CPU time over all processes).
+On 2 CPU cores: about 3.5 min of CPU time over all processes, 2-5 min wall (up to 7 min when
+other jobs share the cores).
 """
 import functools
 import json

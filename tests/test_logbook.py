@@ -138,7 +138,8 @@ def _histogram_batches(num_train: int, batch_size: int) -> list[int]:
 
 def test_cifar10_keeps_the_tutorials_cadence_and_steps():
     """50,000 images in 782 batches of 64: scalars every 100 batches of the epoch, histograms
-    every 500, at the global step epoch * 782 + batch (shared/SPEC.md, "Logging")."""
+    every 500, at the global step epoch * 782 + batch (docs/recipe.md, "What is reported and
+    logged")."""
     assert _logged_steps(50_000, 64, epoch=0) == [99, 199, 299, 399, 499, 599, 699]
     assert _logged_steps(50_000, 64, epoch=3) == [3 * 782 + b for b in range(99, 782, 100)]
     assert _histogram_batches(50_000, 64) == [499]

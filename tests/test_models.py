@@ -1,7 +1,8 @@
-"""CBAMCNN: SPEC's architecture, parameter table, train/eval behaviour and input checks, and
-the same numbers as the model written as the tutorial's layers in a row (`PlainCBAMCNN`).
+"""CBAMCNN: the tutorial's architecture, parameter table, train/eval behaviour and input
+checks, and the same numbers as the model written as the tutorial's layers in a row
+(`PlainCBAMCNN`).
 
-Runtime: 27 tests, 2 min 9 s wall on the shared 2-core machine (load average about 5).
+Runtime: 27 tests, about 2 min on 2 CPU cores.
 """
 import functools
 import pathlib
@@ -19,8 +20,8 @@ from cbam_jax.layers import ChannelAttention, torch_bias_init, torch_kernel_init
 from cbam_jax.models import BLOCK_CHANNELS
 from cbam_jax.ops.reference import spatial_attention
 
-# SPEC.md's table, in the tutorial's order.
-SPEC_PARAMETERS = {
+# The tutorial's printed parameter table, in its order.
+TUTORIAL_PARAMETERS = {
     "conv1.weight": 864, "conv1.bias": 32, "bn1.weight": 32, "bn1.bias": 32,
     "cbam1.channel_attn.fc.0.weight": 64, "cbam1.channel_attn.fc.2.weight": 64,
     "cbam1.spatial_attn.conv.weight": 98,
@@ -39,9 +40,9 @@ def variables():
     return CBAMCNN().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 
 
-def test_parameter_report_matches_spec_table_in_order(variables, capsys):
+def test_parameter_report_matches_tutorial_table_in_order(variables, capsys):
     report = parameter_report(variables["params"])
-    assert list(report.items()) == list(SPEC_PARAMETERS.items())
+    assert list(report.items()) == list(TUTORIAL_PARAMETERS.items())
     assert sum(report.values()) == 1_150_896
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "Total trainable parameters: 1,150,896"

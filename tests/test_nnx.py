@@ -3,8 +3,9 @@
 reference), PyTorch's through the parity converters, train on digits under nnx.jit, and raise
 the Linen modules' errors word for word.
 
-Runtime: 88 tests, 83 s of CPU and 86 s wall on the shared 2-core machine at load average 4-5
-(most of it the digits loop, the two small ResNets and the CBAMCNN fixtures). The lone layers, the ResNets and CBAMCNN's evaluation run op by op (no jit): the
+Runtime: 88 tests, about 85 s on 2 CPU cores (most of it the digits loop, the two small
+ResNets and the CBAMCNN fixtures). The lone layers, the ResNets and CBAMCNN's evaluation run op
+by op (no jit): the
 NNX and the Linen side then share the compiled ops, which costs less than compiling each
 side's program; CBAMCNN's train step and the digits loop are compiled whole.
 """
@@ -343,15 +344,15 @@ def test_pth_state_dict_round_trip_through_the_parity_converters(cnn):
                         cn.to_linen(model))
 
 
-SPEC_ORDER = ["conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias",
-              "cbam1.channel_attn.fc.0.weight", "cbam1.channel_attn.fc.2.weight",
-              "cbam1.spatial_attn.conv.weight"]
+TUTORIAL_ORDER = ["conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias",
+                  "cbam1.channel_attn.fc.0.weight", "cbam1.channel_attn.fc.2.weight",
+                  "cbam1.spatial_attn.conv.weight"]
 
 
 def test_parameter_report_prints_the_linen_names_in_the_tutorials_order(cnn):
     report = parameter_report(cn.to_linen(cnn[2])["params"], print_fn=None)
     assert report == parameter_report(cnn[1]["params"], print_fn=None)
-    assert list(report)[:7] == SPEC_ORDER and list(report)[-1] == "fc2.bias"
+    assert list(report)[:7] == TUTORIAL_ORDER and list(report)[-1] == "fc2.bias"
     assert sum(report.values()) == 1_150_896
 
 

@@ -5,7 +5,7 @@ and gradients.
 Tolerance 1e-5 relative to the largest entry: float32 sums taken in another order (a few ulps
 over ~100 terms). Ties (tied max-pool windows, all-zero maps) and negative BatchNorm scales are
 included, since that is where routing could differ.
-Budget: about 2 minutes wall on the shared 2-core machine at load average 5, most of it
+Budget: about 2 minutes on 2 CPU cores, most of it
 compiling CBAMCNN four times and the CBAM op's gradients.
 """
 import jax

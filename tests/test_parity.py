@@ -3,7 +3,7 @@
 How each row is judged is in parity/report.py (float32_bound) and parity/kinks.py. The report
 must pass on random weights and on checkpoints the tutorial's own loop wrote, early and late in
 training, and every negative control (parity/controls.py) must make it fail on both.
-Budget: about 6.5 min wall on the 2 shared CPU cores at load average 3-5: training the
+Budget: about 6.5 min on 2 CPU cores: training the
 checkpoints, compiling each control's JAX programs (both paths), and one CLI run.
 """
 import subprocess

@@ -2,9 +2,9 @@
 second writer, a rerun without --resume and a resume that would change the result are refused
 in one line), and offline runs on digits.
 
-Runtime, measured on 2 cores at a load average of 4-5: 9 s for the fast tests. The slow ones:
-2 min for a digits run in-process (interrupted, resumed, refused, overwritten, then read back by
-evaluate.py; reusing the compiled steps of tests/test_train.py when both run in one session),
+Runtime on 2 CPU cores: 9 s for the fast tests. The slow ones: 2 min for a digits run
+in-process (interrupted, resumed, refused, overwritten, then read back by evaluate.py; reusing
+the compiled steps of tests/test_train.py when both run in one pytest process),
 2 min for two runs started together, 1 min 40 s for a second run that compiles nothing, 5 s for
 two processes refused together.
 """

@@ -240,7 +240,7 @@ def run(args, config, run_dir: Path, resume: bool, mesh, cache, cpu_devices_set)
     if not distributed.is_primary_process():
         return 0  # process 0 reports and exports the model
     print(f"Training finished! Final test accuracy: {result.final_test_acc:.2f}%")
-    if config.model == "cbam_cnn":  # the tutorial's CBAM_CNN is the one PyTorch model we mirror
+    if config.model == "cbam_cnn":  # the only model with a PyTorch twin (the tutorial's CBAM_CNN)
         try:
             export_pth(result, run_dir / f"{dataset.name}_cbam_cnn_model.pth")
         except OSError as e:

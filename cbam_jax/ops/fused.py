@@ -23,7 +23,7 @@ from cbam_jax.ops import reference
 
 def conv_same_toeplitz(x, kernel):
     """Equals `reference.conv_same` for one output channel: CBAM's k x k spatial conv as one
-    matmul. Kept by docs/benchmarks.md, "Ablation", row "spatial 7x7 conv as one Toeplitz
+    matmul. Kept by docs/benchmarks.md, "Design decisions", row "CBAM's 7x7 spatial conv as one
     matmul".
 
     x: [B, H, W, C] (C = 2 in CBAM), kernel [k, k, C, 1] -> [B, H, W, 1]. XLA:CPU runs this
@@ -53,7 +53,7 @@ def conv_same_toeplitz(x, kernel):
 def cbam_tutorial(x, w1, w2, kernel):
     """Equals `reference.channel_attention` then `reference.spatial_attention` with the
     tutorial's options, as one op with a hand-written gradient. Kept by docs/benchmarks.md,
-    "Ablation", row "+ CBAM as one custom-VJP op".
+    "Design decisions", row "the tutorial's CBAM as one custom-gradient op".
 
     x: [B, H, W, C] float32; w1 [C, hidden], w2 [hidden, C]: the bias-free channel MLP
     (fc_0, fc_2, ReLU between); kernel [k, k, 2, 1]: the bias-free spatial conv over the
@@ -166,10 +166,9 @@ def _input_gradient_terms(sum_g, sum_g_xhat, n, inv, gain, g_mean, g_var):
 def batch_norm_train(x, scale, bias, epsilon):
     """Equals `reference.batch_norm`'s training statistics and output (in float32), with the
     closed-form gradient (one reduction pass and one elementwise pass) instead of autodiff's
-    chain of reductions. Kept by docs/benchmarks.md, "What was changed, and what was tried
-    (before the fused ops; figures under load)": taking it out made the model 0.88x as fast in
-    CPU time per image, though the changes of that section together showed no net gain;
-    `batch_norm_relu_pool_train` builds on its gradient.
+    chain of reductions. `batch_norm_relu_pool_train` builds on its gradient; on its own
+    (bfloat16, odd sizes) it has no row in docs/benchmarks.md: an in-process ablation on 2 CPU
+    cores measured the model without it at 0.88x, in CPU time per image.
 
     x: [..., C], scale/bias: [C] -> (y [..., C] float32, batch mean [C], biased batch var [C]).
     """
@@ -211,8 +210,8 @@ batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 def conv_bn_relu_pool(x, kernel, conv_bias, scale, bias, running, *, train: bool,
                       momentum: float, epsilon: float, dtype=None):
     """Equals `reference.conv_bn_relu_pool` (same arguments and result). Kept by
-    docs/benchmarks.md, "Ablation", rows "conv bias skipped in training", "fused BatchNorm +
-    ReLU + max-pool (custom VJP)" and "eval BatchNorm folded into the conv".
+    docs/benchmarks.md, "Design decisions", rows "no conv bias in training", "BatchNorm + ReLU +
+    max-pool as one custom-gradient op" and "BatchNorm folded into the conv in evaluation".
 
     Two rewrites, exact in exact arithmetic:
     - training skips the conv bias: BatchNorm's centring removes any per-channel shift, so the
@@ -246,8 +245,9 @@ def conv_bn_relu_pool(x, kernel, conv_bias, scale, bias, running, *, train: bool
 def batch_norm_relu_pool_train(x, scale, bias, epsilon):
     """Equals `reference.max_pool_2x2(relu(...))` of `batch_norm_train`'s output, with its
     batch statistics, as one op with a hand-written gradient. Kept by docs/benchmarks.md,
-    "Ablation", row "fused BatchNorm + ReLU + max-pool (custom VJP)"; its window max as four
-    slices written once by "The training block's window max as four slices, written once".
+    "Design decisions", row "BatchNorm + ReLU + max-pool as one custom-gradient op"; its window
+    max as four slices written once by row "the training window max as four slices, written
+    once".
 
     x: [B, H, W, C] float32 with H and W even; scale, bias: [C]. Returns (y [B, H/2, W/2, C],
     batch mean [C], biased batch var [C]). The gradient goes, as theirs, to the first maximum
@@ -321,7 +321,7 @@ batch_norm_relu_pool_train.defvjp(_bnrp_fwd, _bnrp_bwd)
 def conv_pool_shift_relu(x, kernel, shift):
     """Equals `reference.max_pool_2x2(relu(reference.conv_same(x, kernel) + shift))` for a
     per-channel shift [C], pooling first. Evaluation only (no gradient is written). Kept by
-    docs/benchmarks.md, "Ablation", row "eval BatchNorm folded into the conv".
+    docs/benchmarks.md, "Design decisions", row "BatchNorm folded into the conv in evaluation".
 
     Eval mode of a conv block whose BatchNorm is folded into the conv: adding a per-channel
     constant and ReLU are monotone, so they commute exactly with the max (rounding is monotone
@@ -337,7 +337,8 @@ def conv_pool_shift_relu(x, kernel, shift):
 # Input channels up to which `conv_max_pool_2x2` takes the window matmul on a CPU: measured
 # against XLA's convolution plus the pool (3x3 kernel, 32 output channels, 32x32 images, 256
 # images on 2 CPU devices): 2.2x at 1 input channel, 1.65x at 3, 1.5x at 4, 1.2x at 6, 0.44x
-# at 8 (docs/benchmarks.md, "conv1 + pool as one matmul").
+# at 8 (the engine's evaluation: docs/benchmarks.md, row "conv1 + pool as one matmul in
+# evaluation").
 WINDOW_MATMUL_MAX_CHANNELS = 4
 
 
@@ -345,9 +346,9 @@ def conv_max_pool_2x2(x, kernel):
     """Equals `reference.max_pool_2x2(reference.conv_same(x, kernel))`: the direct conv, then
     the max of each 2x2 window's four elements; on a CPU, for float32 input of a few channels
     (CBAMCNN's RGB conv1), `pooled_conv_windows` instead. Evaluation only (no gradient is
-    written). Kept by docs/benchmarks.md, "Evaluation's conv1 + pool as one matmul", and the
-    four-slice max by "the pool as a reduce over the 2x2 window axes" (0.869x) among the forms
-    tried for evaluation.
+    written). Kept by docs/benchmarks.md, "Design decisions", row "conv1 + pool as one matmul in
+    evaluation"; the four-slice max by the row "the evaluation pool as `lax.reduce_window`, or as
+    a reduce over the window axes" (0.995x, 0.869x) of the forms tried and not kept.
 
     The max is four slices and an elementwise max, not a reduce: XLA:CPU's YNNPACK reduce
     fusion pulls the producing convolution into itself (even with YNNPACK convolutions off) and
@@ -364,8 +365,9 @@ def conv_max_pool_2x2(x, kernel):
 
 def pooled_conv_windows(x, kernel):
     """Equals `reference.max_pool_2x2(reference.conv_same(x, kernel))` for a square odd kernel,
-    as one matmul over the input windows of the pooled pixels. Kept by docs/benchmarks.md,
-    "Evaluation's conv1 + pool as one matmul" (the engine's evaluation 1.073x).
+    as one matmul over the input windows of the pooled pixels. Kept by
+    docs/benchmarks.md, "Design decisions", row "conv1 + pool as one matmul in evaluation" (the
+    engine's evaluation 1.073x).
 
     The four conv outputs of a 2x2 pooling window see one (k + 1) x (k + 1) window of the padded
     input. That window, flattened to [(k + 1)^2 * Cin], times a [(k + 1)^2 * Cin, 4 * Cout]
@@ -392,8 +394,8 @@ def pooled_conv_windows(x, kernel):
 
 def computed_once(x, flag):
     """Equals x, written to memory once for all its readers on a CPU; elsewhere x itself. Kept
-    by docs/benchmarks.md, "The pooled block output written once" (evaluation 1.048x) and "The
-    training block's window max as four slices, written once".
+    by docs/benchmarks.md, "Design decisions", rows "each pooled block output written once"
+    (evaluation 1.048x) and "the training window max as four slices, written once".
 
     XLA:CPU fuses a cheap elementwise producer into each of its consumers, so CBAM's three
     passes over a pooled block output each recomputed the pooling from the 4x larger conv
@@ -454,10 +456,9 @@ def _first_maxima(quadrants, maxima, taken):
 @jax.custom_vjp
 def max_pool_2x2(x):
     """Equals `reference.max_pool_2x2`, its gradient routed by compares (the first maximum of
-    each window in row-major order) instead of XLA's select-and-scatter. Kept by
-    docs/benchmarks.md, "What was changed, and what was tried (before the fused ops; figures
-    under load)": taking it out made the model 0.88x as fast in CPU time per image, though the
-    changes of that section together showed no net gain.
+    each window in row-major order) instead of XLA's select-and-scatter. It has no row of its
+    own in docs/benchmarks.md: an in-process ablation on 2 CPU cores measured the model without
+    it at 0.88x, in CPU time per image.
 
     x: [B, H, W, C] -> [B, H // 2, W // 2, C]; odd trailing rows/columns dropped.
     """
@@ -486,7 +487,8 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
                       out_sharding=None):
     """Equals `reference.dot_general` as `nn.Dense` / `nnx.Linear` call it (lhs [..., in] @
     kernel [in, out]), with the kernel's gradient computed in the kernel's own [in, out] layout
-    (lhs^T @ g). Kept by docs/benchmarks.md, "fc1's kernel gradient in the kernel's layout".
+    (lhs^T @ g). Kept by docs/benchmarks.md, "Design decisions", row "fc1/fc2 kernel gradients in
+    the kernels' layout".
 
     Autodiff computes that gradient as g^T @ lhs, [out, in], and transposes it. On one device
     XLA folds the transpose into the dot; under a data-parallel mesh the all-reduce of the
