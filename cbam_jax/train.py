@@ -589,8 +589,9 @@ def _check_resumable(config: TrainConfig, dataset_name: str, run_dir: Path, chec
     if saved is None:
         if not distributed.is_primary_process():  # run_dir may be process 0's own disk
             return
-        raise FileNotFoundError(f"no checkpoint to resume from in {checkpoints.directory}, and "
-                                f"{run_dir} holds no run record ({RUN_RECORD}): nothing to resume")
+        raise rundir.RunDirError(f"no checkpoint to resume from in {checkpoints.directory}, and "
+                                 f"{run_dir} holds no run record ({RUN_RECORD}): nothing to "
+                                 f"resume")
     rundir.check_resume(saved, {**dataclasses.asdict(config), "dataset": dataset_name,
                                 "devices": devices, "checkpoint_dir": checkpoints.directory},
                         run_dir, allow_device_change=allow_device_change)

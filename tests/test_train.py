@@ -210,7 +210,7 @@ def test_resume_with_other_settings_is_refused(digits, short_runs):
 
 
 def test_resume_without_checkpoint_names_the_directory(digits, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from in"):
+    with pytest.raises(RunDirError, match="no checkpoint to resume from in"):
         fit(CONFIG, digits, tmp_path / "empty", resume=True, log=quiet)
 
 

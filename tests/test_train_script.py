@@ -289,7 +289,7 @@ def test_mismatched_resume_is_refused_before_the_model_is_built_and_writes_nothi
 
 def test_resume_of_a_directory_with_nothing_to_resume_leaves_it_empty(script, capsys, tmp_path):
     code = script.main(["--dataset", "digits", "--no-compile-cache", "--resume", str(tmp_path)])
-    assert code == 1
+    assert code == 2  # a run directory that cannot be used as asked
     assert "holds no run record (run.json): nothing to resume" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no checkpoints/latest, checkpoints/best, lock
 

@@ -118,10 +118,19 @@ def command(main):
     return run
 
 
-def error_exit(error: Exception) -> int:
-    """Report `error` as one line on stderr, 'error: ...', and return the exit status 1; raise
+def error_exit(error: Exception, status: int = 1) -> int:
+    """Report `error` as one line on stderr, 'error: ...', and return the exit `status`; raise
     it (its whole traceback) when the environment sets recipe.DEBUG_ENV."""
     if debugging():
         raise error
     print(f"error: {error}", file=sys.stderr)
-    return 1
+    return status
+
+
+def note_if_unverified(trained) -> None:
+    """Say on stderr that a checkpoint was read without digests to check (one written before
+    checkpoints carried them); `trained` is an inference.TrainedModel."""
+    if trained.verified is False:
+        from cbam_jax.checkpoint import unverified_note
+
+        print(unverified_note(trained.source), file=sys.stderr)

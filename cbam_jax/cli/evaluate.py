@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from cbam_jax import recipe
-from cbam_jax.cli import check_out_dir, checkpoint_modules, command, error_exit, require
+from cbam_jax.cli import (check_out_dir, checkpoint_modules, command, error_exit,
+                          note_if_unverified, require)
 from cbam_jax.recipe import DEFAULT_DATA_DIR, POSITIVE_INT
 
 
@@ -93,10 +94,7 @@ def main(argv=None) -> int:
         data = place_data(dataset, mesh, trained.config.batch_size)
     except (FileNotFoundError, ValueError, DatasetUnavailableError) as e:  # ValueError: also
         return error_exit(e)  # a damaged checkpoint (checkpoint.DamagedCheckpointError)
-    if trained.verified is False:
-        from cbam_jax.checkpoint import unverified_note
-
-        print(unverified_note(trained.source), file=sys.stderr)
+    note_if_unverified(trained)
     if trained.devices is not None and trained.devices != mesh.size:
         print(f"note: the run split each batch over {trained.devices} devices, this evaluation "
               f"over {mesh.size}: the loss may differ in its last digits", file=sys.stderr)

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from cbam_jax import recipe
-from cbam_jax.cli import CommandError, check_out_file, checkpoint_modules, command, require
+from cbam_jax.cli import (CommandError, check_out_file, checkpoint_modules, command, error_exit,
+                          note_if_unverified, require)
 
 CHECK_IMAGES = 16  # random uint8 images, normalised, that each artifact is checked on
 # StableHLO against eval_logits: the same XLA ops, but XLA folds the constant variables'
@@ -70,9 +71,9 @@ def main(argv=None) -> int:
     try:  # the ONNX twin computes in float32, so its reference does too
         trained = load_checkpoint(args.checkpoint, which=args.which, dataset=args.dataset,
                                   dtype="float32" if args.format == "onnx" else None)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (FileNotFoundError, ValueError) as e:  # ValueError: also a damaged checkpoint
+        return error_exit(e)
+    note_if_unverified(trained)
     if args.format == "onnx" and trained.config.model != "cbam_cnn":
         print(f"error: ONNX export goes through the tutorial's PyTorch CBAM_CNN, which mirrors "
               f"cbam_cnn only, not {trained.config.model}; --format stablehlo exports any model",

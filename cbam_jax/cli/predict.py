@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from cbam_jax import recipe
-from cbam_jax.cli import CommandError, check_out_dir, checkpoint_modules, command, require
+from cbam_jax.cli import (CommandError, check_out_dir, checkpoint_modules, command, error_exit,
+                          note_if_unverified, require)
 from cbam_jax.recipe import POSITIVE_INT
 
 RESIZE_NOTE = ("each image is resized to 32x32 with Pillow's bilinear filter (antialiased when "
@@ -95,9 +96,9 @@ def main(argv=None) -> int:
 
     try:
         trained = load_checkpoint(args.checkpoint, which=args.which, dataset=args.dataset)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (FileNotFoundError, ValueError) as e:  # ValueError: also a damaged checkpoint
+        return error_exit(e)
+    note_if_unverified(trained)
     names = trained.class_names
     if args.top_k > len(names):
         print(f"error: --top-k: expected at most {len(names)} (the classes of "

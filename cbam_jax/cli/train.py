@@ -138,8 +138,7 @@ def main(argv=None) -> int:
                 allow_device_change=args.allow_device_change)
         run_dir, owner = claim_run_dir(args, resumed)
     except ValueError as e:  # RunDirError, a bad recorded setting, a mesh that cannot be built
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error_exit(e, 2)
     with owner:  # the run directory is this run's until it returns, or the process ends
         return run(args, config, run_dir, resumed is not None, mesh, cache, cpu_devices_set)
 
@@ -235,7 +234,9 @@ def run(args, config, run_dir: Path, resume: bool, mesh, cache, cpu_devices_set)
                      allow_device_change=args.allow_device_change)
     # OSError: train.StorageError (a full disk, a permission denied), a run directory that
     # cannot be created, ...
-    except (NonFiniteLossError, RunDirError, DamagedCheckpointError, OSError) as e:
+    except RunDirError as e:  # refused as the checks before the run are: exit status 2
+        return error_exit(e, 2)
+    except (NonFiniteLossError, DamagedCheckpointError, OSError) as e:
         return error_exit(e)
     if not distributed.is_primary_process():
         return 0  # process 0 reports and exports the model
