@@ -56,8 +56,8 @@ from cbam_jax.ops import fused as ops
 
 SECTIONS = ("step", "eval", "augment", "epoch", "nnx")
 # What --without / --ablate can leave out: runtime.configure_cpu's settings, one device per core
-# (then one device), and the engine's unrolled train calls (then one step per call).
-ABLATIONS = (*runtime.CPU_TUNINGS, "devices_per_core", "unrolled_steps")
+# (then one device).
+ABLATIONS = (*runtime.CPU_TUNINGS, "devices_per_core")
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 # CPU default for the epoch section: a slice of the epoch, scaled to images/s (see --full-epoch).
 CPU_EPOCH_TRAIN, CPU_EPOCH_TEST = 2_048, 512
@@ -264,7 +264,7 @@ def scan_batches(state, record, data, first_batch, *, size: int, count: int):
 @functools.lru_cache(maxsize=None)
 def train_call(loop: str, compiler_options: tuple = ()):
     """The engine's train call, `train.train_batches` ("fori"; its `CallShape` says whether it
-    loops or unrolls) or `scan_batches` ("scan"), jitted with XLA `compiler_options` ((name,
+    loops) or `scan_batches` ("scan"), jitted with XLA `compiler_options` ((name,
     value) pairs) for its compiles only. One jitted function per combination, so contenders that
     differ only in the batch count share a compile; without options it is the engine's own
     function."""
@@ -294,16 +294,14 @@ def without_custom_gradients(apply_fn):
 
 
 def jax_engine_calls(batch: int, steps: int, steps_per_call: int | None = None, *, mesh,
-                     loop: str | None = None, dtype: str = "float32",
+                     loop: str = "fori", dtype: str = "float32",
                      compiler_options: tuple = (), custom_gradients: bool = True):
     """Images/s of `steps` steps of the engine's train call (gather the batch from the data set on
     the device, augment, Adam step, record), `steps_per_call` per call (default: the engine's,
-    `train.default_steps_per_call`): in a rolled loop ("fori", the GPU/TPU way; or "scan") or
-    unrolled ("unrolled", the CPU way; default: the engine's for this backend). Compiles on its
-    first run."""
+    `train.default_steps_per_call`), more than one in a rolled loop: "fori" (the engine's) or
+    "scan". Compiles on its first run."""
     data = place_data(synthetic_dataset(batch * steps, batch), mesh, batch)
-    steps_per_call = steps_per_call or train.default_steps_per_call(data.images_per_device)
-    loop = loop or ("fori" if train.rolled_loops() else "unrolled")
+    steps_per_call = steps_per_call or train.default_steps_per_call()
     if steps % steps_per_call:
         raise ValueError(f"steps ({steps}) must be a multiple of steps_per_call "
                          f"({steps_per_call})")
@@ -313,11 +311,11 @@ def jax_engine_calls(batch: int, steps: int, steps_per_call: int | None = None, 
     state = distributed.put_replicated(state, mesh)
     record = distributed.put_replicated(train.new_epoch_record(
         state.rng, np.int32(0), data.num_train, data.num_train_batches), mesh)
-    call = train_call("scan" if loop == "scan" else "fori", compiler_options)
+    call = train_call(loop, compiler_options)
     if loop == "scan":
         static = dict(size=batch, count=steps_per_call)
     else:
-        static = dict(shape=train.call_shape(batch, steps_per_call, rolled=loop == "fori"))
+        static = dict(shape=train.call_shape(batch, steps_per_call))
     count = () if loop == "scan" else (np.int32(steps_per_call),)
     holder = [state, record]
 
@@ -363,11 +361,10 @@ def jax_augment(n_images: int, batch: int, mesh):
     return run
 
 
-def jax_epoch(n_train: int, n_test: int, mesh, batch: int = 64,
-              steps_per_call: int | None = None):
+def jax_epoch(n_train: int, n_test: int, mesh, batch: int = 64):
     """One epoch of the engine (train_epoch, then evaluate), images/s over train + test images."""
     data = place_data(synthetic_dataset(n_train, n_test), mesh, batch)
-    config = train.TrainConfig(epochs=1, batch_size=batch, steps_per_call=steps_per_call)
+    config = train.TrainConfig(epochs=1, batch_size=batch)
     holder, epoch = [distributed.put_replicated(_jax_state(), mesh)], iter(range(1 << 30))
 
     def run():
@@ -671,7 +668,6 @@ class Plan:
     epoch_compiled_workers: int = 2  # the torch.compile tutorial loop's DataLoader workers
     nnx_batch: int = 8
     nnx_calls: int = 300
-    steps_per_call: int | None = None  # the engine's train calls; None: its default
 
 
 def make_plan(quick: bool = False, reps: int | None = None, full_epoch: bool = False,
@@ -695,15 +691,14 @@ def make_plan(quick: bool = False, reps: int | None = None, full_epoch: bool = F
 
 def section_step(plan: Plan, mesh) -> dict:
     out = {}
-    # The engine's row calls it as it trains on CPU (its default steps per call: 2 unrolled up
-    # to 64 images per device, else 1); on GPU/TPU one step per call (gpu_check times the
-    # rolled loops). "jax step" is one bare step per call.
-    per_call = 1 if train.rolled_loops() else plan.steps_per_call
+    # One step per call in both JAX rows, as the engine trains on CPU (gpu_check times the
+    # rolled loops of GPU/TPU): "jax step" is the bare step on normalised images, the engine's
+    # row its own call (the batch gathered from the data set on the device and augmented).
     for batch in plan.step_batches:
         contenders = {"torch eager": torch_train_step(batch, plan.step_calls),
                       "jax step": jax_train_step(batch, plan.step_calls, mesh),
                       "jax engine step (+ augment)": jax_engine_calls(
-                          batch, plan.step_calls, per_call, mesh=mesh)}
+                          batch, plan.step_calls, 1, mesh=mesh)}
         if plan.torch_compile:
             contenders["torch.compile"] = torch_train_step(batch, plan.step_calls,
                                                            plan.torch_compile_backend)
@@ -740,8 +735,7 @@ def section_epoch(plan: Plan, mesh) -> dict:
         contenders[f"torch.compile loop (workers={workers})"] = torch_epoch(
             plan.epoch_train, plan.epoch_test, workers=workers,
             compile_backend=plan.torch_compile_backend)
-    contenders["jax engine"] = jax_epoch(plan.epoch_train, plan.epoch_test, mesh,
-                                         steps_per_call=plan.steps_per_call)
+    contenders["jax engine"] = jax_epoch(plan.epoch_train, plan.epoch_test, mesh)
     result = summarize(interleave(contenders, plan.epoch_reps), TUTORIAL_LOOP)
     scale = (CIFAR_TRAIN + CIFAR_TEST) / (plan.epoch_train + plan.epoch_test)
     for row in result["rows"]:
@@ -1028,8 +1022,6 @@ def main(argv=None):
     runtime.configure_cpu(devices, without=tuple(n for n in without if n in runtime.CPU_TUNINGS))
     plan = make_plan(args.quick, args.reps, args.full_epoch, args.epoch_images,
                      not args.no_torch_compile)
-    if "unrolled_steps" in without:
-        plan = dataclasses.replace(plan, steps_per_call=1)
     report_without = list(without)
     report = run(sections, plan, args.full_recipe, args.recipe_epochs)
     report["without"] = report_without
