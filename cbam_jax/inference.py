@@ -108,7 +108,7 @@ def load_checkpoint(path, *, which: str = "best", mesh=None, dtype: str | None =
 
     if Path(path).suffix == ".pth":
         raise ValueError(f"{path} is a PyTorch state_dict: load it with parity.load_checkpoint, "
-                         f"which needs torch (pip install "cbam-jax[parity]")")
+                         f"which needs torch (pip install 'cbam-jax[parity]')")
     step_dir = step_directory(path, which)
     verified = verify(step_dir)
     meta = read_meta(step_dir)
