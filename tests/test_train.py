@@ -273,7 +273,8 @@ def test_rolled_loop_over_steps_matches_one_call_per_step(digits):
 
 def test_a_call_of_one_step_runs_no_loop(digits):
     """The CPU engine's call (one step) is the step alone, with no loop around it (a rolled loop
-    is slow on XLA:CPU); a call of several steps is one rolled loop (the control)."""
+    is slow on XLA:CPU); a call of several steps is one rolled loop more (the control). (The
+    step has loops of its own: the PRNG's rounds.)"""
     model, tx = build("float32")
     data = place_data(digits, make_mesh(), batch_size=32)
     state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
@@ -284,8 +285,9 @@ def test_a_call_of_one_step_runs_no_loop(digits):
                                          shape=call_shape(32, count)).as_text()
 
     assert call_shape(32, 1) == CallShape(32, False, False)
-    assert "stablehlo.while" not in lowered(1)
-    assert "stablehlo.while" in lowered(2)
+    step_loops = lowered(1).count("stablehlo.while")
+    # One rolled loop around one traced step (2 steps written out would double the step's own).
+    assert step_loops > 1 and lowered(2).count("stablehlo.while") == step_loops + 1
 
 
 class _AlwaysDue(train.EpochObserver):
