@@ -35,12 +35,6 @@ class DeviceData:
         return self.train_labels.shape[0]
 
     @property
-    def images_per_device(self) -> int:
-        """A full batch's share on each device of the mesh."""
-        devices = 1 if self.batch_sharding is None else self.batch_sharding.mesh.size
-        return self.batch_size // devices
-
-    @property
     def num_train_batches(self) -> int:
         """The tutorial's DataLoader keeps the final partial batch: ceil(N / batch_size)."""
         return -(-self.num_train // self.batch_size)

@@ -88,9 +88,9 @@ class TrainConfig:
                          "compute dtype of the model; parameters, optimizer, loss and BatchNorm "
                          "statistics stay float32")
     steps_per_call: int | None = setting(
-        None, POSITIVE_INT, "training steps per compiled call (default: 2 on CPU, unrolled, "
-        "since a rolled loop is slow there, or 1 above 64 images per device; 50 on GPU/TPU, "
-        "in a rolled loop, to amortise dispatch)", optional=True)
+        None, POSITIVE_INT, "training steps per compiled call (default: 1 on CPU; 50 on GPU/TPU, "
+        "in a rolled loop that amortises dispatch; more than 1 on CPU runs that loop too, which "
+        "XLA:CPU runs slower)", optional=True)
     log_every: int = setting(100, POSITIVE_INT,
                              "batches between Train/Batch_* scalars and progress updates")
     hist_every: int = setting(500, POSITIVE_INT,

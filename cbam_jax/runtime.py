@@ -33,19 +33,31 @@ def cpu_devices_chosen_by_user() -> bool:
             or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""))
 
 
-def configure_cpu(n: int) -> bool:
-    """Make a CPU host show `n` devices, and set XLA:CPU's flags (below). Must run before JAX
-    initialises its backends; returns False, changing no device count, if it is too late or if
-    the environment already chose one (cpu_devices_chosen_by_user).
+# The XLA:CPU and allocator settings `configure_cpu` makes, by name. Each earned its place in a
+# benchmark of this recipe (docs/benchmarks.md, "Design decisions");
+# `scripts/benchmark.py --ablate NAME` measures one against its absence in alternating processes.
+CPU_TUNINGS = ("eigen_convolutions", "memory_scheduler", "keep_freed_memory")
+
+
+def configure_cpu(n: int, *, without: tuple[str, ...] = ()) -> bool:
+    """Make a CPU host show `n` devices, and make the settings of CPU_TUNINGS but those named in
+    `without` (below). Must run before JAX initialises its backends; returns False, changing no
+    device count, if it is too late or if the environment already chose one
+    (cpu_devices_chosen_by_user).
 
     Several devices split each batch; each runs its shard on its own threads, which keeps more
-    cores busy than one device when an op runs single-threaded (docs/benchmarks.md). Freed
-    memory is kept for reuse (`keep_freed_memory`), and XLA orders each executable to need
-    little of it (`MEMORY_SCHEDULER`).
+    cores busy than one device when an op runs single-threaded (docs/benchmarks.md).
     """
-    keep_freed_memory()
-    _add_xla_flag(EIGEN_CONVOLUTIONS)
-    _add_xla_flag(MEMORY_SCHEDULER)
+    unknown = set(without) - set(CPU_TUNINGS)
+    if unknown:
+        raise ValueError(f"without: expected names among {', '.join(CPU_TUNINGS)}, got "
+                         f"{', '.join(sorted(unknown))}")
+    if "keep_freed_memory" not in without:
+        keep_freed_memory()
+    if "eigen_convolutions" not in without:
+        _add_xla_flag(EIGEN_CONVOLUTIONS)
+    if "memory_scheduler" not in without:
+        _add_xla_flag(MEMORY_SCHEDULER)
     if cpu_devices_chosen_by_user():
         return False
     try:
@@ -60,20 +72,21 @@ def configure_cpu(n: int) -> bool:
 # XLA:CPU's default hands convolutions to YNNPACK, whose kernels run this model's convolutions
 # on one thread (its kernel gradients 3x slower than XLA's own multi-threaded Eigen kernels);
 # the '-' form removes only convolutions from the default list of YNNPACK fusions, keeping its
-# dots and reductions, which are faster (measured in docs/benchmarks.md).
+# dots and reductions, which are faster. The train step at batch 256 ran 1.21x as fast with it
+# (docs/benchmarks.md, "Design decisions").
 EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 # XLA:CPU's default schedule (breadth-first, "concurrency optimized") keeps more temporaries
 # alive at once so that independent ops may overlap; the depth-first one needs less. With one
 # device per core the overlap buys little, and the memory costs time: an execution's
 # temporaries are one malloc, and one larger than glibc's thread heap (THREAD_HEAP_BYTES) is
 # mapped and faulted in afresh on every call (keep_freed_memory cannot keep it). The train step
-# at batch 256 (128 images per device) needs 80 MB breadth-first, 65 MB depth-first, and ran
-# 1.2-1.3x faster (docs/benchmarks.md, "Seventh session").
+# at batch 256 (128 images per device) needs 80 MB breadth-first, 65 MB depth-first
+# (tests/test_runtime.py), and ran 1.30x as fast (docs/benchmarks.md, "Design decisions").
 MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 # XLA:CPU aborts the process when one device reaches an all-reduce more than 40 s before the
-# others. On an overloaded host (seen here at load average 11-13, two devices on two cores) a
-# device can lag that long without anything being wrong, and the run died mid-epoch; wait up
-# to 10 minutes instead (XLA still warns after 20 s that a device may be stuck).
+# others. On an overloaded host (two devices on two cores shared with other work) a device can
+# lag that long without anything being wrong, and the run dies mid-epoch; wait up to 10 minutes
+# instead (XLA still warns after 20 s that a device may be stuck).
 PATIENT_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
 
 
@@ -111,14 +124,12 @@ def keep_freed_memory() -> bool:
     80 MB at batch 256; with `MEMORY_SCHEDULER`, 65 MB at 256) and frees it at the end. By default
     glibc serves a block of 32 MB or more, and one that overflows the thread's 64 MB heap, with
     a fresh mmap each time, and unmaps a thread heap that empties: then every execution maps
-    its temporaries again and the kernel zeroes them page by page. Whether a process falls
-    into that at batch 64 depends on the order of its first allocations; on the project's
-    2-core VM those processes ran 10-20% slower, with 2-4x the page faults
-    (docs/benchmarks.md). A block larger than a thread heap (THREAD_HEAP_BYTES) still gets an
-    mmap of its own: `MEMORY_SCHEDULER` and the engine's steps per call
-    (`train.default_steps_per_call`) keep the train step's temporaries below it. A process
-    whose environment sets any of MALLOC_ENVIRONMENT keeps its own choice; elsewhere than
-    glibc this does nothing.
+    its temporaries again and the kernel zeroes them page by page. The train step at batch 256
+    ran 1.26x as fast with this setting (docs/benchmarks.md, "Design decisions"). A block
+    larger than a thread heap (THREAD_HEAP_BYTES) still gets an mmap of its own:
+    `MEMORY_SCHEDULER` keeps the train step's temporaries below it up to 128 images per device
+    (tests/test_runtime.py). A process whose environment sets any of MALLOC_ENVIRONMENT keeps
+    its own choice; elsewhere than glibc this does nothing.
     """
     if any(name in os.environ for name in MALLOC_ENVIRONMENT):
         return False

@@ -8,12 +8,9 @@ record of the epoch. The host dispatches calls asynchronously and reads that rec
 `log_every` batches, every few seconds for the progress line, and at the end of the epoch, so
 no per-step round trip stalls the device.
 
-A call trains `steps_per_call` batches. On GPU/TPU, where dispatch overhead dominates, 50 of them
-in one rolled `fori_loop`. On XLA:CPU a rolled loop makes the backward convs fall off the fast
-kernels (jax-ml/jax#12868), so a call there runs its steps unrolled, one after another in the
-compiled code: 2 per call, which saves each call's fixed costs (its launch on every device, and
-the allocation of its temporaries) without a rolled loop; 1 per call where a device's share of
-the batch is large enough that 2 steps' temporaries would outgrow glibc's thread heap.
+A call trains `steps_per_call` batches (`epoch_plan`): on GPU/TPU, where dispatch overhead
+dominates, 50 of them in one rolled `fori_loop`; on XLA:CPU one, since a rolled loop there makes
+the backward convolutions fall off the fast kernels (jax-ml/jax#12868).
 """
 import dataclasses
 import functools
@@ -40,17 +37,7 @@ from cbam_jax.registry import create_model
 from cbam_jax.schedule import PlateauState, tutorial_plateau
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the names of recipe.DTYPES
-DEVICE_STEPS_PER_CALL = 50  # in a rolled loop (GPU/TPU)
-# Unrolled on XLA:CPU; measured against 1 step per call, 2 devices, batch 64 (docs/benchmarks.md):
-# 1.05x, with XLA's default schedule and with runtime.MEMORY_SCHEDULER. 3 and 4 gained little
-# more (1.03x), and each count that the epoch plan needs is one more compiled shape.
-CPU_STEPS_PER_CALL = 2
-# ...while each device takes at most this many images per step. A call's temporaries are one
-# block per device, and past glibc's thread heap (runtime.THREAD_HEAP_BYTES, 64 MiB) it is
-# mapped and faulted in afresh on every call. With runtime.MEMORY_SCHEDULER, CBAMCNN's call on
-# 64 images per device needs 43 MB for 2 steps; on 128, 73 MB for 2 steps and 67 MB for 1
-# (tests/test_runtime.py), and 2 per call ran 0.91x 1 per call there.
-CPU_UNROLL_MAX_IMAGES_PER_DEVICE = 64
+DEVICE_STEPS_PER_CALL = 50  # GPU/TPU: steps per call, in one rolled loop
 # Independent PRNG streams folded from the run's key: per-step (augmentation, dropout) keys
 # are folded with the global step, shuffles with the epoch, so the two never collide.
 _STEP_STREAM, _SHUFFLE_STREAM = 0, 1
@@ -66,23 +53,11 @@ def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
                                                 eps=1e-8)
 
 
-def default_steps_per_call(images_per_device: int) -> int:
-    """Steps per compiled train call when the config leaves it open (`steps_per_call` None), for
-    a batch that puts `images_per_device` images on each device."""
-    if jax.default_backend() != "cpu":
-        return DEVICE_STEPS_PER_CALL
-    return CPU_STEPS_PER_CALL if images_per_device <= CPU_UNROLL_MAX_IMAGES_PER_DEVICE else 1
-
-
-def steps_per_call(config: TrainConfig, data: DeviceData) -> int:
-    """The config's steps per train call, else the default for this backend and batch."""
-    return config.steps_per_call or default_steps_per_call(data.images_per_device)
-
-
-def rolled_loops() -> bool:
-    """Whether a call's steps run as a rolled `fori_loop` (GPU/TPU: one compile for any count)
-    or unrolled (XLA:CPU, jax-ml/jax#12868: one compile per count)."""
-    return jax.default_backend() != "cpu"
+def default_steps_per_call() -> int:
+    """Steps per compiled train call when the config leaves it open: 1 on XLA:CPU, where a rolled
+    loop is slow (jax-ml/jax#12868) and 2 steps unrolled in one call measured no faster
+    (docs/benchmarks.md, "Design decisions"); DEVICE_STEPS_PER_CALL on GPU/TPU."""
+    return 1 if jax.default_backend() == "cpu" else DEVICE_STEPS_PER_CALL
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,17 +195,13 @@ def new_epoch_record(rng, epoch, n: int, num_batches: int) -> EpochRecord:
 class CallShape(NamedTuple):
     """What a compiled train call is specialised to; each distinct value compiles once."""
     size: int          # images per batch (the epoch's final partial batch has its own)
-    looped: bool       # a rolled fori_loop over the call's batches (any count)
-    with_grads: bool   # return the (last) step's gradients, for the histograms
-    unrolled: int = 1  # if not looped: exactly this many steps, one after another
+    looped: bool       # a rolled fori_loop over the call's batches (any count); else one step
+    with_grads: bool   # return the step's gradients, for the histograms (one step)
 
 
-def call_shape(size: int, count: int, rolled: bool, with_grads: bool = False) -> CallShape:
-    """The shape of a call that trains `count` batches of `size`: in a rolled loop (`rolled`,
-    the GPU/TPU way; one step needs no loop) or unrolled (the CPU way)."""
-    if rolled:
-        return CallShape(size, count > 1, with_grads)
-    return CallShape(size, False, with_grads, count)
+def call_shape(size: int, count: int, with_grads: bool = False) -> CallShape:
+    """The shape of a call that trains `count` batches of `size`: one step needs no loop."""
+    return CallShape(size, count > 1, with_grads)
 
 
 class Call(NamedTuple):
@@ -244,9 +215,8 @@ def train_batches(state: TrainState, record: EpochRecord, data: DeviceData, firs
                   num_batches, *, shape: CallShape):
     """Train on batches [first_batch, first_batch + num_batches) of the epoch's permutation.
 
-    Returns (state, record, gradients of the last step or None). `shape.looped` runs a rolled
-    loop over `num_batches` (one compile for any count); otherwise exactly `shape.unrolled`
-    steps (== num_batches), written one after another.
+    Returns (state, record, the step's gradients or None). `shape.looped` runs a rolled loop
+    over `num_batches` (one compile for any count); otherwise `num_batches` is 1.
     """
     def one(batch, carry):
         state, record = carry
@@ -258,34 +228,34 @@ def train_batches(state: TrainState, record: EpochRecord, data: DeviceData, firs
         carry = jax.lax.fori_loop(first_batch, first_batch + num_batches,
                                   lambda b, c: one(b, c)[0], (state, record))
         return *carry, None
-    carry, grads = (state, record), None
-    for i in range(shape.unrolled):
-        carry, grads = one(first_batch + i, carry)
+    carry, grads = one(first_batch, (state, record))
     return *carry, grads if shape.with_grads else None
 
 
-def epoch_plan(num_train: int, batch_size: int, steps_per_call: int,
-               hist_every: int, rolled: bool = True) -> list[Call]:
-    """The calls of one epoch, their steps in rolled loops or unrolled (`call_shape`).
+def epoch_plan(num_train: int, batch_size: int, hist_every: int,
+               steps_per_call: int | None = None) -> list[Call]:
+    """The calls of one epoch: the engine's whole call plan.
 
-    Full batches run `steps_per_call` at a time (fewer up to a histogram batch and at the end);
-    a histogram batch runs alone in the variant that returns gradients. The final partial batch
+    Full batches run `steps_per_call` at a time (None: `default_steps_per_call()`), in a rolled
+    loop, fewer up to a histogram batch and at the end; a histogram batch runs alone in the
+    variant that returns gradients. The final partial batch
     (50,000 = 781 * 64 + 16 in the tutorial, whose DataLoader keeps it) is its own call with its
     own compiled shape: padding it would change the BatchNorm batch statistics.
     """
+    steps_per_call = steps_per_call or default_steps_per_call()
     full, rest = divmod(num_train, batch_size)
     calls, batch = [], 0
     while batch < full:
         if (batch + 1) % hist_every == 0:
-            calls.append(Call(batch, 1, call_shape(batch_size, 1, rolled, with_grads=True)))
+            calls.append(Call(batch, 1, call_shape(batch_size, 1, with_grads=True)))
             batch += 1
             continue
         next_hist = (batch // hist_every + 1) * hist_every - 1
         count = min(steps_per_call, next_hist - batch, full - batch)
-        calls.append(Call(batch, count, call_shape(batch_size, count, rolled)))
+        calls.append(Call(batch, count, call_shape(batch_size, count)))
         batch += count
     if rest:
-        calls.append(Call(full, 1, call_shape(rest, 1, rolled, (full + 1) % hist_every == 0)))
+        calls.append(Call(full, 1, call_shape(rest, 1, (full + 1) % hist_every == 0)))
     return calls
 
 
@@ -390,14 +360,13 @@ def train_epoch(state: TrainState, data: DeviceData, epoch: int, config: TrainCo
     least once per epoch (`recipe.cadence_in_epoch`).
     """
     num_batches = data.num_train_batches
-    per_call = steps_per_call(config, data)
     log_every = cadence_in_epoch(config.log_every, num_batches)
     hist_every = cadence_in_epoch(config.hist_every, num_batches)
     record = new_epoch_record(state.rng, np.int32(epoch), data.num_train, num_batches)
     if data.batch_sharding is not None:  # where the step returns it, so that no call recompiles
         record = distributed.put_replicated(record, data.batch_sharding.mesh)
     read_until = 0
-    for call in epoch_plan(data.num_train, data.batch_size, per_call, hist_every, rolled_loops()):
+    for call in epoch_plan(data.num_train, data.batch_size, hist_every, config.steps_per_call):
         state, record, grads = train_batches(state, record, data, np.int32(call.first),
                                              np.int32(call.count), shape=call.shape)
         if grads is not None:
@@ -527,7 +496,7 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
         if start_epoch == 0:
             book.hyperparameters({
                 **dataclasses.asdict(config), "dataset": dataset.name,
-                "steps_per_call": steps_per_call(config, data),
+                "steps_per_call": config.steps_per_call or default_steps_per_call(),
                 "device": str(jax.devices()[0]), "devices": mesh.size,
                 "processes": jax.process_count(), "scheduler": repr(tutorial_plateau())})
     completed = False

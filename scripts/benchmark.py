@@ -55,6 +55,9 @@ from cbam_jax.loader import place_data
 from cbam_jax.ops import fused as ops
 
 SECTIONS = ("step", "eval", "augment", "epoch", "nnx")
+# What --without / --ablate can leave out: runtime.configure_cpu's settings, one device per core
+# (then one device).
+ABLATIONS = (*runtime.CPU_TUNINGS, "devices_per_core")
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 # CPU default for the epoch section: a slice of the epoch, scaled to images/s (see --full-epoch).
 CPU_EPOCH_TRAIN, CPU_EPOCH_TEST = 2_048, 512
@@ -261,7 +264,7 @@ def scan_batches(state, record, data, first_batch, *, size: int, count: int):
 @functools.lru_cache(maxsize=None)
 def train_call(loop: str, compiler_options: tuple = ()):
     """The engine's train call, `train.train_batches` ("fori"; its `CallShape` says whether it
-    loops or unrolls) or `scan_batches` ("scan"), jitted with XLA `compiler_options` ((name,
+    loops) or `scan_batches` ("scan"), jitted with XLA `compiler_options` ((name,
     value) pairs) for its compiles only. One jitted function per combination, so contenders that
     differ only in the batch count share a compile; without options it is the engine's own
     function."""
@@ -291,16 +294,14 @@ def without_custom_gradients(apply_fn):
 
 
 def jax_engine_calls(batch: int, steps: int, steps_per_call: int | None = None, *, mesh,
-                     loop: str | None = None, dtype: str = "float32",
+                     loop: str = "fori", dtype: str = "float32",
                      compiler_options: tuple = (), custom_gradients: bool = True):
     """Images/s of `steps` steps of the engine's train call (gather the batch from the data set on
     the device, augment, Adam step, record), `steps_per_call` per call (default: the engine's,
-    `train.default_steps_per_call`): in a rolled loop ("fori", the GPU/TPU way; or "scan") or
-    unrolled ("unrolled", the CPU way; default: the engine's for this backend). Compiles on its
-    first run."""
+    `train.default_steps_per_call`), more than one in a rolled loop: "fori" (the engine's) or
+    "scan". Compiles on its first run."""
     data = place_data(synthetic_dataset(batch * steps, batch), mesh, batch)
-    steps_per_call = steps_per_call or train.default_steps_per_call(data.images_per_device)
-    loop = loop or ("fori" if train.rolled_loops() else "unrolled")
+    steps_per_call = steps_per_call or train.default_steps_per_call()
     if steps % steps_per_call:
         raise ValueError(f"steps ({steps}) must be a multiple of steps_per_call "
                          f"({steps_per_call})")
@@ -310,11 +311,11 @@ def jax_engine_calls(batch: int, steps: int, steps_per_call: int | None = None, 
     state = distributed.put_replicated(state, mesh)
     record = distributed.put_replicated(train.new_epoch_record(
         state.rng, np.int32(0), data.num_train, data.num_train_batches), mesh)
-    call = train_call("scan" if loop == "scan" else "fori", compiler_options)
+    call = train_call(loop, compiler_options)
     if loop == "scan":
         static = dict(size=batch, count=steps_per_call)
     else:
-        static = dict(shape=train.call_shape(batch, steps_per_call, rolled=loop == "fori"))
+        static = dict(shape=train.call_shape(batch, steps_per_call))
     count = () if loop == "scan" else (np.int32(steps_per_call),)
     holder = [state, record]
 
@@ -690,15 +691,14 @@ def make_plan(quick: bool = False, reps: int | None = None, full_epoch: bool = F
 
 def section_step(plan: Plan, mesh) -> dict:
     out = {}
-    # The engine's row calls it as it trains on CPU (its default steps per call: 2 unrolled up
-    # to 64 images per device, else 1); on GPU/TPU one step per call (gpu_check times the
-    # rolled loops). "jax step" is one bare step per call.
-    per_call = 1 if train.rolled_loops() else None
+    # One step per call in both JAX rows, as the engine trains on CPU (gpu_check times the
+    # rolled loops of GPU/TPU): "jax step" is the bare step on normalised images, the engine's
+    # row its own call (the batch gathered from the data set on the device and augmented).
     for batch in plan.step_batches:
         contenders = {"torch eager": torch_train_step(batch, plan.step_calls),
                       "jax step": jax_train_step(batch, plan.step_calls, mesh),
                       "jax engine step (+ augment)": jax_engine_calls(
-                          batch, plan.step_calls, per_call, mesh=mesh)}
+                          batch, plan.step_calls, 1, mesh=mesh)}
         if plan.torch_compile:
             contenders["torch.compile"] = torch_train_step(batch, plan.step_calls,
                                                            plan.torch_compile_backend)
@@ -861,9 +861,10 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def across_processes(argv: list, processes: int, out: Path) -> dict:
+def across_processes(argv: list, processes: int, out: Path, ablate: str | None = None) -> dict:
     """Run this script with `argv` `processes` times, each in a fresh process writing its own
-    report to `<out>/process_<i>/`, and gather every table's ratios per process.
+    report to `<out>/process_<i>/`, and gather every table's ratios per process. With `ablate`,
+    every second process runs `--without ablate` (the first with it, the second without, ...).
 
     Why: on a 2-core CPU `torch.compile`'s eval moved by up to 1.6x from one process to the
     next, with the same code and input (docs/benchmarks.md), so the ratios of one run are one
@@ -872,10 +873,14 @@ def across_processes(argv: list, processes: int, out: Path) -> dict:
     runs = []
     for i in range(processes):
         run_dir = out / f"process_{i}"
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv,
-                        "--processes", "1", "--out", str(run_dir)], check=True)
+        without = ["--without", ablate] if ablate and i % 2 else []
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, *without,
+                        "--processes", "1", "--ablate", "", "--out", str(run_dir)], check=True)
         runs.append(json.loads((run_dir / "benchmark.json").read_text()))
-    return gather_processes(runs)
+    summary = gather_processes(runs)
+    if ablate:
+        summary["ablation"] = gather_ablation(runs, ablate)
+    return summary
 
 
 def gather_processes(runs: list) -> dict:
@@ -900,6 +905,39 @@ def gather_processes(runs: list) -> dict:
                                       for run in runs]}
 
 
+def gather_ablation(runs: list, name: str) -> dict:
+    """Each contender's gain from `name`: the median throughput of a process with it over that
+    of the next process, without it (pairs of `across_processes`' runs: 0/1, 2/3, ...)."""
+    tables = {}
+    for section, parts in runs[0]["sections"].items():
+        for label in parts:
+            rows = {}
+            for row in parts[label]["rows"]:
+                medians = [next((r["median"] for r in run["sections"][section][label]["rows"]
+                                 if r["name"] == row["name"]), None) for run in runs]
+                pairs = list(zip(medians[0::2], medians[1::2]))
+                gains = [a / b for a, b in pairs if a is not None and b is not None]
+                if gains:
+                    rows[row["name"]] = {"with": medians[0::2], "without": medians[1::2],
+                                         "gain": gains}
+            tables[f"{section}: {label}"] = rows
+    return {"name": name, "pairs": len(runs) // 2, "tables": tables}
+
+
+def ablation_markdown(ablation: dict) -> str:
+    """Per table: each contender's throughput with and without the setting, pair by pair."""
+    lines = [f"### --ablate {ablation['name']}: {ablation['pairs']} pairs of processes "
+             f"(with, then without)", "",
+             "| table | contender | gain per pair (with / without) | median |",
+             "|---|---|---:|---:|"]
+    for title, rows in ablation["tables"].items():
+        for name, row in rows.items():
+            gains = ", ".join(f"{g:.3f}x" for g in row["gain"])
+            lines.append(f"| {title} | {name} | {gains} | "
+                         f"{statistics.median(row['gain']):.3f}x |")
+    return "\n".join(lines + [""])
+
+
 def processes_markdown(summary: dict) -> str:
     """Per table: each contender's ratio median in each process, and their median."""
     loads = ", ".join(f"{load:.2f}" for load in summary["load_average_at_start"])
@@ -917,6 +955,8 @@ def processes_markdown(summary: dict) -> str:
                      f"{statistics.median(row[key]):.2f}x" for key, _ in columns]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    if "ablation" in summary:
+        lines.append(ablation_markdown(summary["ablation"]))
     return "\n".join(lines)
 
 
@@ -949,27 +989,42 @@ def main(argv=None):
                         help="run the whole measurement this many times, each in a fresh "
                              "process, and report each table's ratios per process and their "
                              "median (processes.md)")
+    parser.add_argument("--without", default="", metavar="NAME[,NAME]",
+                        help=f"leave these out in this process: {', '.join(ABLATIONS)}")
+    parser.add_argument("--ablate", default="", choices=("", *ABLATIONS), metavar="NAME",
+                        help="with --processes N (even): every second process runs --without "
+                             "NAME; processes.md gives each contender's gain from NAME, pair by "
+                             f"pair. One of {', '.join(ABLATIONS)}")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error(f"--processes must be at least 1, got {args.processes}")
+    if args.ablate and (args.processes < 2 or args.processes % 2):
+        parser.error(f"--ablate needs an even --processes, got {args.processes}")
+    without = tuple(filter(None, args.without.split(",")))
+    if set(without) - set(ABLATIONS):
+        parser.error(f"--without: expected names among {', '.join(ABLATIONS)}, got "
+                     f"{args.without!r}")
     sections = [] if args.sections == "none" else args.sections.split(",")
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown sections {unknown}: expected a subset of {list(SECTIONS)}")
     out = Path(args.out)
     if args.processes > 1:
-        summary = across_processes(argv, args.processes, out)
+        summary = across_processes(argv, args.processes, out, args.ablate or None)
         markdown = processes_markdown(summary)
         (out / "processes.md").write_text(markdown + "\n")
         (out / "processes.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(markdown)
         return summary
     # As scripts/train.py: before JAX starts, one CPU device per core (a no-op on GPU hosts).
-    runtime.configure_cpu(runtime.cpu_devices_for(64))
+    devices = 1 if "devices_per_core" in without else runtime.cpu_devices_for(64)
+    runtime.configure_cpu(devices, without=tuple(n for n in without if n in runtime.CPU_TUNINGS))
     plan = make_plan(args.quick, args.reps, args.full_epoch, args.epoch_images,
                      not args.no_torch_compile)
+    report_without = list(without)
     report = run(sections, plan, args.full_recipe, args.recipe_epochs)
+    report["without"] = report_without
     markdown = to_markdown(report)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.md").write_text(markdown + "\n")

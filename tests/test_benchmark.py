@@ -18,7 +18,6 @@ _spec = importlib.util.spec_from_file_location(
 benchmark = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(benchmark)
 
-# step_calls=2: the engine row calls 2 unrolled steps at a time on CPU.
 # torch.compile with the "eager" backend: Dynamo traces the model (the rows' code path) without
 # the minutes that Inductor's code generation takes on a busy CPU.
 TINY = benchmark.Plan(reps=2, step_batches=(8,), step_calls=2, eval_batch=8, eval_calls=1,
@@ -100,13 +99,13 @@ def test_report_names_device_versions_threads_and_load_and_serialises(report):
 
 
 def test_engine_call_variants_train_the_same_steps():
-    """A fori_loop, 2 unrolled steps (the CPU engine's call, the step section's engine row) and
-    a lax.scan of 2 steps per call, and the ablation without the custom gradients: each runs 2
-    steps of the engine on the mesh and reports images/s. (XLA options are in
-    tests/test_gpu_check.py.)"""
+    """A fori_loop of 2 steps per call, one step per call (the CPU engine's call, the step
+    section's engine row), a lax.scan of 2 steps per call, and the ablation without the custom
+    gradients: each runs 2 steps of the engine on the mesh and reports images/s. (XLA options
+    are in tests/test_gpu_check.py.)"""
     mesh = benchmark.distributed.make_mesh()
     variants = {"fori": dict(steps_per_call=2, loop="fori"),
-                "unrolled": dict(steps_per_call=2, loop="unrolled"),
+                "one step per call": dict(steps_per_call=1),
                 "scan": dict(steps_per_call=2, loop="scan"),
                 "autodiff": dict(steps_per_call=1, custom_gradients=False)}
     for name, kwargs in variants.items():
@@ -203,3 +202,30 @@ def test_unknown_section_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--sections", "step,warp"])
     assert "expected a subset of" in capsys.readouterr().err
+
+
+def test_an_ablation_pairs_each_process_with_the_next_one_without_the_setting():
+    """`--ablate NAME --processes 4`: processes 0 and 2 run with NAME, 1 and 3 without; each
+    contender's gain is its median throughput with over without, pair by pair."""
+    def run(step, epoch):
+        return {"sections": {
+            "step": {"batch 64": {"rows": [{"name": "jax step", "median": step}]}},
+            "epoch": {"slice": {"rows": [{"name": "jax engine", "median": epoch}]}}}}
+
+    ablation = benchmark.gather_ablation([run(130, 90), run(100, 100), run(120, 99),
+                                          run(100, 100)], "memory_scheduler")
+    assert ablation["pairs"] == 2
+    assert ablation["tables"]["step: batch 64"]["jax step"]["gain"] == [1.3, 1.2]
+    assert ablation["tables"]["epoch: slice"]["jax engine"]["gain"] == [0.9, 0.99]
+    markdown = benchmark.ablation_markdown(ablation)
+    assert "| step: batch 64 | jax step | 1.300x, 1.200x | 1.250x |" in markdown
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ablate", "memory_scheduler", "--processes", "3"], "needs an even --processes"),
+    (["--without", "no_such_setting"], "expected names among"),
+])
+def test_ablation_flags_are_checked(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--sections", "none", *argv])
+    assert message in capsys.readouterr().err

@@ -58,8 +58,8 @@ def test_the_environments_own_malloc_settings_are_kept():
     assert kept == "False"
 
 
-# With the flags `configure_cpu` sets (2 devices), compiles CBAMCNN's train call (train_batches)
-# for each BATCHxSTEPS argument and prints the bytes of its temporaries per device.
+# With the flags `configure_cpu` sets (2 devices), compiles CBAMCNN's one-step train call
+# (train_batches) for each BATCH argument and prints the bytes of its temporaries per device.
 TEMPORARIES = """
 import sys
 import jax, numpy as np
@@ -74,15 +74,15 @@ model, tx = train.build("float32")
 state = train.create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
 state = distributed.put_replicated(state, mesh)
 for arg in sys.argv[1:]:
-    batch, steps = map(int, arg.split("x"))
+    batch = int(arg)
     images = np.zeros((batch, 32, 32, 3), np.uint8)
     labels = np.zeros(batch, np.int32)
     data = place_data(Dataset("zeros", "zeros", images, labels, images, labels,
                               tuple("0123456789")), mesh, batch)
     record = distributed.put_replicated(
         train.new_epoch_record(state.rng, np.int32(0), batch, 1), mesh)
-    call = train.train_batches.lower(state, record, data, np.int32(0), np.int32(steps),
-                                     shape=train.call_shape(batch, steps, rolled=False))
+    call = train.train_batches.lower(state, record, data, np.int32(0), np.int32(1),
+                                     shape=train.call_shape(batch, 1))
     print(call.compile().memory_analysis().temp_size_in_bytes)
 """
 
@@ -90,24 +90,46 @@ for arg in sys.argv[1:]:
 def test_the_train_calls_temporaries_fit_a_thread_heap():
     """Past runtime.THREAD_HEAP_BYTES a call's temporaries are mapped and faulted in afresh on
     every call (see keep_freed_memory). With configure_cpu's MEMORY_SCHEDULER, the engine's
-    default calls on 2 devices fit: 2 steps on 64 images per device, 1 step on 128
-    (train.default_steps_per_call). The controls: 2 steps on 128 images per device do not fit
-    (why the engine then takes 1), nor does 1 step under XLA's default schedule (why
-    configure_cpu sets the flag; a flag the environment sets is kept). Budget: about a minute."""
+    one-step call on 2 devices fits at 64 and at 128 images per device (batch 128 and 256). The
+    control: 128 images per device under XLA's default schedule do not fit (why configure_cpu
+    sets the flag; a flag the environment sets is kept). Budget: about a minute."""
     from cbam_jax.runtime import THREAD_HEAP_BYTES as heap
-    small_two, large_one, large_two = map(int, _run(TEMPORARIES, "128x2", "256x1", "256x2",
-                                                     XLA_FLAGS=""))
+    small, large = map(int, _run(TEMPORARIES, "128", "256", XLA_FLAGS=""))
     [default_schedule] = map(int, _run(
-        TEMPORARIES, "256x1",
-        XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=true"))
-    assert small_two < heap and large_one < heap
-    assert large_two > heap and default_schedule > heap
+        TEMPORARIES, "256", XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=true"))
+    assert small < large < heap
+    assert default_schedule > heap
 
 
-def test_steps_per_call_follow_a_devices_share_of_the_batch():
-    """On CPU (these tests' backend): 2 unrolled steps per call up to 64 images per device."""
+def test_the_cpu_engine_takes_one_step_per_call():
+    """On CPU (these tests' backend) a train call is one step, with no loop: a rolled loop is
+    slow on XLA:CPU and 2 steps unrolled in one call measured no faster."""
     import jax
 
     from cbam_jax import train
-    assert jax.default_backend() == "cpu"
-    assert [train.default_steps_per_call(n) for n in (8, 32, 64, 65, 128)] == [2, 2, 2, 1, 1]
+    assert jax.default_backend() == "cpu" and train.default_steps_per_call() == 1
+    plan = train.epoch_plan(50_000, 64, hist_every=500)
+    assert len(plan) == 782 and not any(call.shape.looped for call in plan)
+
+
+WITHOUT = """
+import os, sys
+from cbam_jax import runtime
+without = tuple(filter(None, sys.argv[1].split(",")))
+try:
+    runtime.configure_cpu(1, without=without)
+except ValueError as e:
+    print("refused", e)
+else:
+    print(os.environ.get("XLA_FLAGS", ""))
+"""
+
+
+def test_each_cpu_setting_can_be_left_out_by_name():
+    """How scripts/benchmark.py --ablate measures a setting against its absence; an unknown
+    name is refused rather than ignored."""
+    flags = " ".join(_run(WITHOUT, "", XLA_FLAGS=""))
+    assert "ynn_fusion_type" in flags and "concurrency_optimized_scheduler" in flags
+    flags = " ".join(_run(WITHOUT, "eigen_convolutions,memory_scheduler", XLA_FLAGS=""))
+    assert "ynn_fusion_type" not in flags and "concurrency_optimized_scheduler" not in flags
+    assert _run(WITHOUT, "fast_math", XLA_FLAGS="")[0] == "refused"
