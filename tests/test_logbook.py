@@ -132,7 +132,7 @@ def _histogram_batches(num_train: int, batch_size: int) -> list[int]:
     train.train_epoch plans it)."""
     batches = -(-num_train // batch_size)
     hist_every = cadence_in_epoch(TrainConfig().hist_every, batches)
-    return [c.first for c in epoch_plan(num_train, batch_size, 2, hist_every, rolled=False)
+    return [c.first for c in epoch_plan(num_train, batch_size, hist_every)
             if c.shape.with_grads]
 
 
