@@ -265,11 +265,13 @@ def replace_with_empty(lock: RunLock) -> RunLock:
 # --- the run record (run.json) ---------------------------------------------------------------
 
 def new_record(config: Mapping, dataset: str, *, devices: int, processes: int = 1,
-               data_dir=None, checkpoint_dir=None) -> dict:
+               data_dir=None, checkpoint_dir=None, data: Mapping | None = None) -> dict:
     """What run.json records: the recipe's settings, the data set and the directory it was
-    read from, the checkpoint directory (None: the run directory's checkpoints/), and the
-    devices each batch was split over, in how many processes."""
+    read from, what the model knows of it (`data`: class names, image size, mean and std,
+    `Dataset.description`), the checkpoint directory (None: the run directory's
+    checkpoints/), and the devices each batch was split over, in how many processes."""
     return {"config": dict(config), "dataset": dataset,
+            **({} if data is None else {"data": dict(data)}),
             "data_dir": None if data_dir is None else os.path.abspath(data_dir),
             "checkpoint_dir": None if checkpoint_dir is None else os.path.abspath(checkpoint_dir),
             "devices": devices, "processes": processes}
