@@ -121,7 +121,7 @@ def fit_refusal(num_images: int, image_size: int, copies: int, available: int) -
         return None
     fits = next((s for s in range(image_size - 1, 0, -1)
                  if copies * dataset_bytes(num_images, s) <= budget), None)
-    where = f" on each of {copies} devices" if copies > 1 else ""
+    where = f" ({copies} copies: one per device, all in the host's memory)" if copies > 1 else ""
     advice = (f"--image-size {fits} would fit" if fits else "no image size fits; use fewer images")
     return (f"the data set ({num_images} images at {image_size}x{image_size}) needs "
             f"{needed / 2**30:.2f} GiB{where}, more than the {DATA_SHARE:.0%} of the device's "

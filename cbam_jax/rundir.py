@@ -313,15 +313,17 @@ def write_record(run_dir, record: Mapping) -> None:
 
 def recorded_settings(record: Mapping) -> dict:
     """The settings a resume takes from `record` where no flag gives them, by the command
-    line's names: the recipe's, `dataset`, `data_dir`, `checkpoint_dir` and `devices` (per
-    process). A record written before some of these were kept lacks them: their flags' defaults
-    apply, and a missing device count is not checked."""
+    line's names: the recipe's, `dataset`, `data_dir`, `image_size`, `checkpoint_dir` and
+    `devices` (per process). A record written before some of these were kept lacks them: their
+    flags' defaults apply, and a missing device count is not checked."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = {k: v for k, v in record["config"].items() if k in known}
     settings["dataset"] = record["dataset"]
     for key in ("data_dir", "checkpoint_dir"):
         if record.get(key) is not None:
             settings[key] = record[key]
+    if record.get("data"):
+        settings["image_size"] = record["data"]["image_size"]
     if record.get("devices"):
         settings["devices"] = record["devices"] // record.get("processes", 1)
     return settings
@@ -335,9 +337,10 @@ def check_resume(record: Mapping, settings: Mapping, run_dir, *,
     recorded, another device count (unless `allow_device_change`: the result then differs in
     its last bits), or another checkpoint directory (whose lack of checkpoints would restart
     the run)."""
-    recorded = {**record["config"], "dataset": record["dataset"]}
-    changed = [k for k in (*RESUME_KEYS, "dataset") if k in recorded and k in settings
-               and recorded[k] != settings[k]]
+    recorded = {**record["config"], "dataset": record["dataset"],
+                **({"image_size": record["data"]["image_size"]} if record.get("data") else {})}
+    changed = [k for k in (*RESUME_KEYS, "dataset", "image_size") if k in recorded
+               and k in settings and recorded[k] != settings[k]]
     if settings["epochs"] < recorded.get("epochs", 0):
         changed.append("epochs")
     changes = [f"{flag_of(k)} {_shown(settings[k])} (recorded: {_shown(recorded[k])})"
