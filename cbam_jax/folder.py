@@ -191,15 +191,16 @@ def _read_cache(path: Path) -> dict | None:
 def _write_cache(path: Path, arrays: dict, log) -> None:
     """Writes the cache whole or not at all (a temporary file, then a rename); a folder that
     cannot be written is said, and the run goes on without a cache."""
+    tmp = None
     try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".",
-                                         suffix=".part", delete=False) as tmp:
-            np.savez(tmp, **arrays)
-        os.replace(tmp.name, path)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+        with os.fdopen(handle, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
         log(f"cached the decoded images in {path}")
     except OSError as e:
-        if "tmp" in locals():
-            Path(tmp.name).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         log(f"cannot write a cache in {path.parent} ({e.strerror or e}): going on without one; "
             f"the next run decodes the images again")
 

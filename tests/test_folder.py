@@ -113,7 +113,7 @@ def test_a_folder_that_cannot_be_written_goes_on_without_a_cache(tmp_path, monke
     def refuse(*_, **__):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(folder.tempfile, "NamedTemporaryFile", refuse)
+    monkeypatch.setattr(folder.tempfile, "mkstemp", refuse)
     lines = []
     data = load_folder(root, 8, log=lines.append)
     assert len(data.train_labels) == 3 and not list(root.glob(".cbam_jax_cache*"))
