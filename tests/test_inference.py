@@ -198,7 +198,8 @@ def test_predict_writes_a_figure_per_image_and_reports_bad_inputs(run_dir, train
     assert code == 1  # some inputs failed; the others still ran
     assert f"{image_folder / 'notes.png'}: not an image file that Pillow can read" \
         in captured.err
-    assert f"{empty}: a folder with no .png, .jpg, .jpeg files" in captured.err
+    assert (f"{empty}: a folder with no .png, .jpg, .jpeg, .bmp, .webp, .tif, .tiff files"
+            in captured.err)
     assert f"{tmp_path / 'missing.png'}: no such file or folder" in captured.err
     assert "3 input(s) failed, 4 image(s) predicted" in captured.err
     figures = sorted(p.name for p in out.iterdir())
