@@ -252,3 +252,21 @@ def test_a_64_pixel_folder_trains_and_4_pixels_are_refused(tmp_path, model):
     assert refused.returncode == 2
     assert f"{model} cannot take 4x4 images; the smallest image size it takes is 8" \
         in refused.stderr
+
+
+def test_the_command_line_keeps_image_size_to_folders_and_a_resume_to_its_size():
+    from cbam_jax import rundir
+    from cbam_jax.cli import train as script
+
+    with pytest.raises(SystemExit):
+        script.parse_args(["--dataset", "digits", "--image-size", "64"])
+    args = script.parse_args(["--dataset", "folder", "--data-dir", "pets", "--image-size", "64",
+                              "--skip-unreadable"])
+    assert (args.image_size, args.skip_unreadable) == (64, True)
+    record = rundir.new_record({"epochs": 1}, "folder", devices=1, data_dir="pets",
+                               data={"class_names": ["a", "b"], "image_size": 64,
+                                     "mean": [0.5] * 3, "std": [0.2] * 3})
+    assert rundir.recorded_settings(record)["image_size"] == 64
+    with pytest.raises(rundir.ResumeMismatchError, match="--image-size 32 \\(recorded: 64\\)"):
+        rundir.check_resume(record, {"epochs": 1, "dataset": "folder", "devices": 1,
+                                     "image_size": 32}, "run")
