@@ -78,6 +78,7 @@ class Dataset:
     test_labels: np.ndarray   # int32 [M]
     class_names: tuple[str, ...]
     normalization: Normalization = CIFAR10_NORMALIZATION  # a folder's: its training images'
+    skip_unreadable: bool | None = None  # a folder's: whether unreadable files were left out
 
     @property
     def image_size(self) -> int:
@@ -85,9 +86,12 @@ class Dataset:
 
     def description(self) -> dict:
         """What a trained model needs to know of its data: recorded with the run and each
-        checkpoint, read back by `cbam_jax.inference.load_checkpoint`."""
+        checkpoint, read back by `cbam_jax.inference.load_checkpoint`; for a folder also
+        whether unreadable files were left out, so that evaluating reads the same images."""
         return {"class_names": list(self.class_names), "image_size": self.image_size,
-                "mean": list(self.normalization.mean), "std": list(self.normalization.std)}
+                "mean": list(self.normalization.mean), "std": list(self.normalization.std),
+                **({} if self.skip_unreadable is None
+                   else {"skip_unreadable": self.skip_unreadable})}
 
 
 class DatasetUnavailableError(RuntimeError):

@@ -284,4 +284,5 @@ def load_folder(root, image_size: int = IMAGE_SHAPE[0], *, skip_unreadable: bool
     return Dataset(name="folder", source=f"{root.absolute()} at {image_size}x{image_size}",
                    train_images=train_images, train_labels=labels[is_train],
                    test_images=images[is_test], test_labels=labels[is_test],
-                   class_names=classes, normalization=normalization_of(train_images))
+                   class_names=classes, normalization=normalization_of(train_images),
+                   skip_unreadable=skip_unreadable)

@@ -81,6 +81,29 @@ def test_unreadable_files_are_all_named_in_one_error_or_skipped_and_counted(tmp_
     data = load_folder(root, 8, skip_unreadable=True, log=lines.append)
     assert "skipped 2 unreadable file(s) (--skip-unreadable)" in lines
     assert len(data.train_labels) == len(data.test_labels) == len(CLASSES) * 2
+    assert data.description()["skip_unreadable"] is True  # recorded with the run
+
+
+def test_a_resume_reads_the_folder_as_the_run_did_and_refuses_another_way(tmp_path):
+    from cbam_jax import rundir
+    from cbam_jax.cli import train as script
+
+    data = {"class_names": ["a", "b"], "image_size": 32, "mean": [0.5] * 3, "std": [0.2] * 3}
+    skipping = rundir.new_record({"epochs": 1}, "folder", devices=1, data_dir="pets",
+                                 data={**data, "skip_unreadable": True})
+    rundir.write_record(tmp_path / "run", skipping)
+    args = script.parse_args(["--resume", str(tmp_path / "run"), "--epochs", "2"])
+    assert args.skip_unreadable is False
+    script.take_recorded_settings(args)
+    assert (args.dataset, args.skip_unreadable) == ("folder", True)  # no flag needed again
+    settings = {"epochs": 2, "dataset": "folder", "devices": 1, "image_size": 32}
+    rundir.check_resume(skipping, {**settings, "skip_unreadable": True}, "run")
+    strict = rundir.new_record({"epochs": 1}, "folder", devices=1, data_dir="pets",
+                               data={**data, "skip_unreadable": False})
+    with pytest.raises(rundir.ResumeMismatchError,
+                       match="--skip-unreadable on \\(recorded: off\\)"):
+        rundir.check_resume(strict, {**settings, "skip_unreadable": True}, "run")
+    assert "skip_unreadable" not in load_dataset("digits", log=quiet).description()
 
 
 def test_a_second_run_reads_the_cache_and_decodes_nothing(tmp_path, monkeypatch):
@@ -223,7 +246,7 @@ def test_train_evaluate_predict_and_explain_a_folder(tmp_path):
     assert "skipped 1 unreadable file(s) (--skip-unreadable)" in trained.stdout
     assert "3 classes (cat, dog, fox)" in trained.stdout
 
-    evaluated = run_script("evaluate", run, "--skip-unreadable", cwd=tmp_path)
+    evaluated = run_script("evaluate", run, cwd=tmp_path)  # skips as the run recorded
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert all(name in evaluated.stdout for name in CLASSES)
 

@@ -35,9 +35,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"else {DEFAULT_DATA_DIR})")
     p.add_argument("--no-download", action="store_true",
                    help="never download CIFAR-10; use only local copies")
-    p.add_argument("--skip-unreadable", action="store_true",
-                   help="a folder data set: leave out the files that cannot be read as images, "
-                        "as scripts/train.py --skip-unreadable does")
     p.add_argument("--devices", type=POSITIVE_INT.parse, default=None,
                    help="split each batch over N devices (default: as many as the run did, "
                         "which reproduces its test loss exactly)")
@@ -94,7 +91,8 @@ def main(argv=None) -> int:
         data_dir = args.data_dir or record.get("data_dir") or DEFAULT_DATA_DIR
         dataset = load_dataset(trained.dataset, data_dir, download=not args.no_download,
                                log=lambda *_: None, image_size=trained.image_size,
-                               skip_unreadable=args.skip_unreadable)
+                               skip_unreadable=bool((trained.data or {}).get(
+                                   "skip_unreadable")))  # as the run read its folder
         if dataset.class_names != trained.class_names:
             raise ValueError(f"{data_dir} now holds the classes {', '.join(dataset.class_names)}"
                              f"; the model was trained on {', '.join(trained.class_names)}")

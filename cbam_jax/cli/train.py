@@ -148,7 +148,8 @@ def main(argv=None) -> int:
         if resumed is not None and resumed.record is not None:  # before the data is loaded
             rundir.check_resume(resumed.record, {
                 **dataclasses.asdict(config), "dataset": args.dataset, "devices": mesh.size,
-                "checkpoint_dir": args.checkpoint_dir, "image_size": args.image_size},
+                "checkpoint_dir": args.checkpoint_dir, "image_size": args.image_size,
+                "skip_unreadable": args.skip_unreadable},
                 resumed.run_dir, allow_device_change=args.allow_device_change)
         run_dir, owner = claim_run_dir(args, resumed)
     except ValueError as e:  # RunDirError, a bad recorded setting, a mesh that cannot be built
