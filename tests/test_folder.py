@@ -261,6 +261,24 @@ def test_train_evaluate_predict_and_explain_a_folder(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_folder_run_resumes_with_its_recorded_reading(tmp_path):
+    data = make_folder(tmp_path / "pets", per_class=KINDS[:2], broken=("train/fox/broken.png",))
+    run = tmp_path / "run"
+    first = run_script("train", "--dataset", "folder", "--data-dir", data, "--image-size", 16,
+                       "--skip-unreadable", "--epochs", 1, "--batch-size", 4,
+                       "--no-compile-cache", "--devices", 1, "--run-dir", run, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # No data flag again: the folder, its size and --skip-unreadable come from run.json.
+    resumed = run_script("train", "--resume", run, "--epochs", 2, "--no-compile-cache",
+                         cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout and "after epoch 1" in resumed.stdout
+    assert "skipped 1 unreadable file(s) (--skip-unreadable)" in resumed.stdout
+    assert "Epoch 2/2 done" in resumed.stdout and "Epoch 1/2 done" not in resumed.stdout
+    assert "at 16x16" in resumed.stdout
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["cbam_cnn", "cbam_resnet18"])
 def test_a_64_pixel_folder_trains_and_4_pixels_are_refused(tmp_path, model):
     data = make_folder(tmp_path / "pets", per_class=KINDS[:2])
