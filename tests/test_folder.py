@@ -261,7 +261,8 @@ def test_train_evaluate_predict_and_explain_a_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_folder_run_resumes_with_its_recorded_reading(tmp_path):
+def test_a_folder_run_resumes_with_its_recorded_reading_and_exports_at_its_size(tmp_path,
+                                                                                capsys):
     data = make_folder(tmp_path / "pets", per_class=KINDS[:2], broken=("train/fox/broken.png",))
     run = tmp_path / "run"
     first = run_script("train", "--dataset", "folder", "--data-dir", data, "--image-size", 16,
@@ -276,6 +277,19 @@ def test_a_folder_run_resumes_with_its_recorded_reading(tmp_path):
     assert "skipped 1 unreadable file(s) (--skip-unreadable)" in resumed.stdout
     assert "Epoch 2/2 done" in resumed.stdout and "Epoch 1/2 done" not in resumed.stdout
     assert "at 16x16" in resumed.stdout
+
+    from cbam_jax.cli import export
+    assert export.main([str(run)]) == 0
+    artifact = run / "cbam_cnn_folder.stablehlo"
+    exported = jax.export.deserialize(artifact.read_bytes())
+    assert str(exported.in_avals[0]) == "float32[batch,16,16,3]"
+    assert str(exported.out_avals[0]) == "float32[batch,3]"
+    assert "against the JAX model: ok" in capsys.readouterr().out
+    assert export.main([str(run), "--format", "onnx"]) == 1
+    assert capsys.readouterr().err == (
+        "error: --format onnx exports the tutorial's CBAM_CNN, 10 classes at 32x32; this model "
+        "has 3 classes at 16x16 (--format stablehlo exports it)\n")
+    assert not (run / "cbam_cnn_folder.onnx").exists()
 
 
 @pytest.mark.slow

@@ -223,6 +223,23 @@ def test_predict_exits_0_when_every_image_is_read(run_dir, image_folder, tmp_pat
     assert capsys.readouterr().out.startswith(f"{image_folder / 'digit3.jpg'}: ")
 
 
+def test_predict_refuses_a_class_or_layer_it_cannot_explain_in_one_line(run_dir, trained,
+                                                                         image_folder, tmp_path,
+                                                                         capsys):
+    script, image, out = load_script("predict.py"), str(image_folder / "digit0.png"), tmp_path / "f"
+    layers = inference.cbam_layers(trained.state)
+    assert layers[-1].startswith("cbam3")  # the default: the last CBAM block
+    for flag, value, expected in (
+            ("--class", "horse", "expected one of 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 (or 0 to 9)"),
+            ("--class", "10", "expected one of 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 (or 0 to 9)"),
+            ("--layer", "fc9", f"expected one of {', '.join(layers)}")):
+        code = script.main([str(run_dir), image, "--explain", "gradcam", flag, value,
+                            "--out-dir", str(out)])
+        captured = capsys.readouterr()
+        assert code == 1 and captured.err == f"error: {flag} {value}: {expected}\n"
+        assert not captured.out and not out.exists()  # refused before any image is read
+
+
 def test_predict_help_states_the_interpolation():
     result = run_script("predict.py", "--help")
     assert result.returncode == 0 and "bilinear" in result.stdout

@@ -84,9 +84,11 @@ def main(argv=None) -> int:
     out = check_out_file(args.out or default_out(trained, args.format), "--out")
 
     size = trained.image_size
-    if args.format != "stablehlo" and size != 32:
-        print(f"error: --format {args.format} exports the tutorial's 32x32 CBAM_CNN; this model "
-              f"takes {size}x{size} images (--format stablehlo exports it)", file=sys.stderr)
+    classes = len(trained.class_names)
+    if args.format != "stablehlo" and (size, classes) != (32, 10):
+        print(f"error: --format {args.format} exports the tutorial's CBAM_CNN, 10 classes at "
+              f"32x32; this model has {classes} classes at {size}x{size} (--format stablehlo "
+              f"exports it)", file=sys.stderr)
         return 1
     images = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, size, size, 3), np.uint8)
     x = np.asarray(normalize(images, trained.state.normalization))
