@@ -314,8 +314,8 @@ def write_record(run_dir, record: Mapping) -> None:
 def recorded_settings(record: Mapping) -> dict:
     """The settings a resume takes from `record` where no flag gives them, by the command
     line's names: the recipe's, `dataset`, `data_dir`, `image_size`, `skip_unreadable`,
-    `checkpoint_dir` and `devices` (per process). A record written before some of these were kept lacks them: their
-    flags' defaults apply, and a missing device count is not checked."""
+    `checkpoint_dir` and `devices` (per process). A record written before some of these were
+    kept lacks them: their flags' defaults apply, and a missing device count is not checked."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = {k: v for k, v in record["config"].items() if k in known}
     settings["dataset"] = record["dataset"]
