@@ -14,11 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbam_jax.data import IMAGE_SHAPE
-
-# transforms.Normalize constants of the tutorial.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+from cbam_jax.data import CIFAR10_MEAN, CIFAR10_NORMALIZATION, CIFAR10_STD, Normalization
 
 CROP_PADDING = 4           # RandomCrop(32, padding=4): offsets 0..8 into the 40x40 padded image
 FLIP_PROBABILITY = 0.5     # RandomHorizontalFlip()
@@ -32,7 +28,7 @@ BRIGHTNESS_ID, CONTRAST_ID, SATURATION_ID, HUE_ID = range(4)
 class AugmentParams(NamedTuple):
     """The random draws of the train transform for a batch of B images (torchvision's names)."""
     crop_top: jax.Array     # int32 [B] in 0..8: row of the crop in the zero-padded 40x40 image
-    crop_left: jax.Array    # int32 [B] in 0..8
+    crop_left: jax.Array    # int32 [B] in 0..8 (at 32x32; 0..2p at other sizes, `crop_padding`)
     flip: jax.Array         # bool [B]: mirror left-right
     order: jax.Array        # int32 [B, 4]: a permutation of the four jitter ids above
     brightness: jax.Array   # float32 [B] in [0.8, 1.2]
@@ -43,31 +39,42 @@ class AugmentParams(NamedTuple):
 
 
 def check_images(images) -> None:
-    """Raises ValueError unless `images` is a uint8 batch [B, 32, 32, 3]."""
+    """Raises ValueError unless `images` is a uint8 batch [B, S, S, 3] (square, any size S)."""
     shape, dtype = getattr(images, "shape", None), getattr(images, "dtype", None)
-    if shape is None or len(shape) != 4 or tuple(shape[1:]) != IMAGE_SHAPE or dtype != jnp.uint8:
-        raise ValueError(f"expected uint8 images of shape [B, 32, 32, 3] (NHWC, values 0..255), "
-                         f"got {dtype} of shape {shape}")
+    if (shape is None or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3
+            or dtype != jnp.uint8):
+        raise ValueError(f"expected uint8 images of shape [B, S, S, 3] (NHWC, values 0..255, "
+                         f"e.g. S = 32), got {dtype} of shape {shape}")
 
 
-# torchvision's ToTensor + Normalize of every byte value, per channel, in float32 as torch computes
-# it. A table keeps the division exact: XLA turns division by a constant into multiplication by
-# its rounded reciprocal, which differs in the last bit.
-_NORMALIZED_BYTE = ((np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)
-                     - np.asarray(CIFAR10_MEAN, np.float32)) / np.asarray(CIFAR10_STD, np.float32))
+def crop_padding(image_size: int) -> int:
+    """RandomCrop's padding at `image_size`: the recipe's 4 pixels at 32, scaled with the size
+    (8 at 64, 1 at 8), so that the crop moves the image by the same fraction of it."""
+    return max(1, round(CROP_PADDING * image_size / 32))
 
 
-def normalize(images) -> jax.Array:
-    """ToTensor + Normalize (the test transform): uint8 [B,32,32,3] -> float32 [B,32,32,3]."""
+@functools.lru_cache(maxsize=None)
+def _normalized_bytes(normalization: Normalization) -> np.ndarray:
+    """torchvision's ToTensor + Normalize of every byte value, per channel, in float32 as torch
+    computes it: [256, 3]. A table keeps the division exact: XLA turns division by a constant
+    into multiplication by its rounded reciprocal, which differs in the last bit."""
+    mean, std = (np.asarray(v, np.float32) for v in normalization)
+    return (np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0) - mean) / std
+
+
+def normalize(images, normalization: Normalization = CIFAR10_NORMALIZATION) -> jax.Array:
+    """ToTensor + Normalize (the test transform): uint8 [B,S,S,3] -> float32 [B,S,S,3], with
+    the tutorial's CIFAR-10 mean and std unless `normalization` gives a data set's own."""
     check_images(images)
-    return jnp.asarray(_NORMALIZED_BYTE)[jnp.asarray(images), jnp.arange(3)]
+    return jnp.asarray(_normalized_bytes(normalization))[jnp.asarray(images), jnp.arange(3)]
 
 
-def sample_params(key: jax.Array, batch_size: int) -> AugmentParams:
-    """Draws the train transform's parameters independently for each of `batch_size` images."""
+def sample_params(key: jax.Array, batch_size: int, image_size: int = 32) -> AugmentParams:
+    """Draws the train transform's parameters independently for each of `batch_size` images
+    of `image_size` (the crop's offsets run to twice its `crop_padding`)."""
     keys = jax.random.split(key, 9)
     uniform = lambda k, lo, hi: jax.random.uniform(k, (batch_size,), jnp.float32, lo, hi)
-    max_offset = 2 * CROP_PADDING
+    max_offset = 2 * crop_padding(image_size)
     return AugmentParams(
         crop_top=jax.random.randint(keys[0], (batch_size,), 0, max_offset + 1, jnp.int32),
         crop_left=jax.random.randint(keys[1], (batch_size,), 0, max_offset + 1, jnp.int32),
@@ -260,13 +267,14 @@ def _shift_hue(rgb, hue):
 
 
 # ---------------------------------------------------------------------------------------------
-# One image at a time (uint8 [32, 32, 3] in, uint8 out); vmapped over the batch below.
+# One image at a time (uint8 [S, S, 3] in, uint8 out); vmapped over the batch below.
 
 def random_crop(image, top, left):
-    """RandomCrop(32, padding=4): ImageOps.expand with zeros, then Image.crop at (left, top)."""
-    p = CROP_PADDING
+    """RandomCrop(32, padding=4) (at size S, padding `crop_padding(S)`): ImageOps.expand with
+    zeros, then Image.crop at (left, top)."""
+    p = crop_padding(image.shape[0])
     padded = jnp.pad(image, ((p, p), (p, p), (0, 0)))
-    return jax.lax.dynamic_slice(padded, (top, left, 0), IMAGE_SHAPE)
+    return jax.lax.dynamic_slice(padded, (top, left, 0), image.shape)
 
 
 def horizontal_flip(image, flip):
@@ -365,7 +373,7 @@ def rotate(image, angle):
 
 
 def _transform_one(params, image):
-    """Crop, flip, jitter, rotate one uint8 image; returns packed int32 pixels [32, 32]."""
+    """Crop, flip, jitter, rotate one uint8 image; returns packed int32 pixels [S, S]."""
     image = random_crop(image, params.crop_top, params.crop_left)
     image = horizontal_flip(image, params.flip)
     rgb = _color_jitter(_planes(image), params.order, params.brightness, params.contrast,
@@ -386,8 +394,10 @@ def apply_params(params: AugmentParams, images) -> jax.Array:
     return jnp.stack(_unpack(packed), axis=-1).astype(jnp.uint8)
 
 
-def augment(key: jax.Array, images) -> jax.Array:
-    """The full train transform with per-image randomness: uint8 [B,32,32,3] -> float32
-    normalised [B,32,32,3]. Pure and jit-able (trace-time shape checks only)."""
+def augment(key: jax.Array, images,
+            normalization: Normalization = CIFAR10_NORMALIZATION) -> jax.Array:
+    """The full train transform with per-image randomness: uint8 [B,S,S,3] -> float32
+    normalised [B,S,S,3]. Pure and jit-able (trace-time shape checks only)."""
     check_images(images)
-    return normalize(apply_params(sample_params(key, images.shape[0]), images))
+    params = sample_params(key, images.shape[0], images.shape[1])
+    return normalize(apply_params(params, images), normalization)

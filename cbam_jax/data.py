@@ -1,4 +1,5 @@
-"""Where images come from: CIFAR-10 (tfds or the torchvision folder / tarball) and sklearn's digits.
+"""Where images come from: CIFAR-10 (tfds or the torchvision folder / tarball), sklearn's digits,
+or a folder of your own images, one subfolder per class (`cbam_jax.folder`).
 
 Every source returns the same thing, a `Dataset` of uint8 NHWC images and int32 labels in host
 memory; augmentation and batching happen on the device (`cbam_jax.augment`, `cbam_jax.train`).
@@ -24,6 +25,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,20 +50,48 @@ DIGITS_TEST_FRACTION = 0.2  # 1,797 images -> 1,437 train / 360 test, stratified
 DIGITS_SPLIT_SEED = 0
 DIGITS_NUM_TRAIN, DIGITS_NUM_TEST = 1437, 360
 
-IMAGE_SHAPE = (32, 32, 3)  # H, W, C of every image here (digits are upsampled to it)
+IMAGE_SHAPE = (32, 32, 3)  # H, W, C of CIFAR-10 and digits (upsampled to it); the default size
 _DOWNLOAD_TIMEOUT_S = 60
+
+# transforms.Normalize constants of the tutorial, per RGB channel; digits use them too.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+
+
+class Normalization(NamedTuple):
+    """The test transform's Normalize: per-channel mean and std of pixel values in [0, 1]."""
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+CIFAR10_NORMALIZATION = Normalization(CIFAR10_MEAN, CIFAR10_STD)
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """A labelled image classification data set held in host memory."""
-    name: str                 # 'cifar10' or 'digits'
+    name: str                 # 'cifar10', 'digits' or 'folder'
     source: str               # human-readable: where it came from (path / tfds / download)
-    train_images: np.ndarray  # uint8 [N, 32, 32, 3]
+    train_images: np.ndarray  # uint8 [N, S, S, 3] (S = 32 for CIFAR-10 and digits)
     train_labels: np.ndarray  # int32 [N]
-    test_images: np.ndarray   # uint8 [M, 32, 32, 3]
+    test_images: np.ndarray   # uint8 [M, S, S, 3]
     test_labels: np.ndarray   # int32 [M]
     class_names: tuple[str, ...]
+    normalization: Normalization = CIFAR10_NORMALIZATION  # a folder's: its training images'
+    skip_unreadable: bool | None = None  # a folder's: whether unreadable files were left out
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_images.shape[1])
+
+    def description(self) -> dict:
+        """What a trained model needs to know of its data: recorded with the run and each
+        checkpoint, read back by `cbam_jax.inference.load_checkpoint`; for a folder also
+        whether unreadable files were left out, so that evaluating reads the same images."""
+        return {"class_names": list(self.class_names), "image_size": self.image_size,
+                "mean": list(self.normalization.mean), "std": list(self.normalization.std),
+                **({} if self.skip_unreadable is None
+                   else {"skip_unreadable": self.skip_unreadable})}
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -379,14 +409,23 @@ def load_digits() -> Dataset:
 
 
 def load_dataset(name: str = "auto", data_dir: str = "./data", download: bool = True,
-                 log=print) -> Dataset:
-    """'cifar10' (raises if unavailable), 'digits', or 'auto': CIFAR-10 when it can be had,
+                 log=print, *, image_size: int = IMAGE_SHAPE[0],
+                 skip_unreadable: bool = False) -> Dataset:
+    """'cifar10' (raises if unavailable), 'digits', 'folder' (your images in `data_dir`, at
+    `image_size`: `cbam_jax.folder.load_folder`), or 'auto': CIFAR-10 when it can be had,
     else digits, saying why. `auto` falls back only when there is no local copy and none can be
     fetched: a local copy that cannot be read raises CorruptDataError, as 'cifar10' does.
     The chosen source is printed through `log`."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    if name == "digits":
+    if name != "folder" and image_size != IMAGE_SHAPE[0]:
+        raise ValueError(f"--image-size {image_size}: {name} images are "
+                         f"{IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]}; other sizes are for --dataset "
+                         f"folder")
+    if name == "folder":
+        from cbam_jax.folder import load_folder
+        dataset = load_folder(data_dir, image_size, skip_unreadable=skip_unreadable, log=log)
+    elif name == "digits":
         dataset = load_digits()
     elif name == "cifar10":
         dataset = load_cifar10(data_dir, download, log)

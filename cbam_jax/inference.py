@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -25,24 +26,26 @@ import numpy as np
 
 from cbam_jax import distributed
 from cbam_jax.augment import check_images, normalize
-from cbam_jax.data import CLASS_NAMES, IMAGE_SHAPE
+from cbam_jax.data import CIFAR10_NORMALIZATION, CLASS_NAMES, IMAGE_SHAPE, Normalization
+from cbam_jax.folder import IMAGE_SUFFIXES, load_image  # noqa: F401 (how prediction reads files)
 from cbam_jax.loader import pad_to_batches
 from cbam_jax.recipe import RUN_RECORD, TrainConfig
 from cbam_jax.registry import create_model
 from cbam_jax.rundir import read_record
 
 DEFAULT_BATCH_SIZE = 64  # the tutorial's; the batch size changes the speed, not the answers
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder of images is searched for
 
 
 @flax.struct.dataclass
 class InferenceState:
-    """A model in eval mode: how to apply it, and its variables. `TrainState` has the same three
-    fields, so every function here takes either."""
+    """A model in eval mode: how to apply it, its variables, and the Normalize its inputs get.
+    `TrainState` has the same four fields, so every function here takes either."""
 
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     params: Any
     batch_stats: Any
+    normalization: Normalization = flax.struct.field(pytree_node=False,
+                                                     default=CIFAR10_NORMALIZATION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +54,37 @@ class TrainedModel:
 
     state: InferenceState
     config: TrainConfig         # the run's settings: model, dtype, batch size, ...
-    dataset: str                # the data set it was trained on: 'cifar10' or 'digits'
+    dataset: str                # the data set it was trained on: 'cifar10', 'digits', 'folder'
     source: Path                # the step directory or .pth file it was read from
     epoch: int | None = None    # the epoch that wrote it (None: not recorded, e.g. a .pth)
     devices: int | None = None  # how many devices the run split each batch over (None: unknown)
     recorded: Mapping | None = None  # that epoch's {'test_loss', 'test_acc'}, as the run logged
     verified: bool | None = None  # checked against its SHA256SUMS (False: a checkpoint from
     #                               before checkpoints carried digests; None: not a checkpoint)
+    data: Mapping | None = None   # what the run recorded of its data (`Dataset.description`)
 
     @property
     def class_names(self) -> tuple[str, ...]:
+        if self.data is not None:
+            return tuple(self.data["class_names"])
         return CLASS_NAMES[self.dataset]
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square images the model takes."""
+        return image_size_of(self.data)
+
+
+def image_size_of(data: Mapping | None) -> int:
+    """The image size a run's data description records (the recipe's 32 without one)."""
+    return int((data or {}).get("image_size", IMAGE_SHAPE[0]))
+
+
+def normalization_of(data: Mapping | None) -> Normalization:
+    """The Normalize a run's data description records (CIFAR-10's without one)."""
+    if not data or "mean" not in data:
+        return CIFAR10_NORMALIZATION
+    return Normalization(tuple(data["mean"]), tuple(data["std"]))
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -114,10 +137,11 @@ def load_checkpoint(path, *, which: str = "best", mesh=None, dtype: str | None =
     meta = read_meta(step_dir)
     if dataset is not None and dataset != meta["dataset"]:
         raise ValueError(f"{step_dir} was trained on {meta['dataset']}, not {dataset}")
-    config, dataset = config_of(meta), meta["dataset"]
-    model = model_of(config, dataset, dtype)
+    config, dataset, data = config_of(meta), meta["dataset"], meta.get("data")
+    model = model_of(config, dataset, dtype, data)
+    size = image_size_of(data)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                            jnp.zeros((1, *IMAGE_SHAPE), jnp.float32))
+                            jnp.zeros((1, size, size, 3), jnp.float32))
     sharding = (distributed.replicated(mesh) if mesh is not None
                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     target = {collection: jax.tree.map(
@@ -126,20 +150,27 @@ def load_checkpoint(path, *, which: str = "best", mesh=None, dtype: str | None =
     variables = restore_variables(step_dir, target)
     history = meta["history"]
     return TrainedModel(
-        InferenceState(model.apply, variables["params"], variables["batch_stats"]), config,
+        InferenceState(model.apply, variables["params"], variables["batch_stats"],
+                       normalization_of(data)), config,
         dataset, step_dir, epoch=meta["epoch"], devices=meta.get("devices"),
         recorded={"test_loss": history["test_loss"][-1], "test_acc": history["test_acc"][-1]},
-        verified=verified)
+        verified=verified, data=data)
 
 
-def model_of(config: TrainConfig, dataset: str, dtype: str | None = None):
-    """The Linen model a run trained: `config.model` for the data set's classes, computing in
-    `dtype` (default `config.dtype`); jnp's dtype of that name, as `cbam_jax.train.build`."""
-    if dataset not in CLASS_NAMES:
+def model_of(config: TrainConfig, dataset: str, dtype: str | None = None,
+             data: Mapping | None = None):
+    """The Linen model a run trained: `config.model` for the data set's classes (those `data`
+    records, else the named set's) at its image size, computing in `dtype` (default
+    `config.dtype`); jnp's dtype of that name, as `cbam_jax.train.build`."""
+    if data is not None:
+        classes = data["class_names"]
+    elif dataset in CLASS_NAMES:
+        classes = CLASS_NAMES[dataset]
+    else:
         raise ValueError(f"unknown data set {dataset!r}: expected one of "
                          f"{', '.join(CLASS_NAMES)}")
-    return create_model(config.model, len(CLASS_NAMES[dataset]),
-                        getattr(jnp, dtype or config.dtype))
+    return create_model(config.model, len(classes), getattr(jnp, dtype or config.dtype),
+                        image_size=image_size_of(data))
 
 
 def from_variables(variables: Mapping, *, config: TrainConfig, dataset: str, source,
@@ -153,72 +184,6 @@ def from_variables(variables: Mapping, *, config: TrainConfig, dataset: str, sou
     return TrainedModel(InferenceState(model.apply, variables["params"],
                                        variables["batch_stats"]),
                         config, dataset, Path(source), devices=devices)
-
-
-def load_image(path) -> np.ndarray:
-    """An image file as the model's input, uint8 [32, 32, 3], as it is prepared for prediction.
-
-    Pillow reads it (PNG, JPEG, ...), turns it upright by its EXIF orientation, converts it to
-    8-bit RGB (`_to_rgb`: grey is copied to three channels, 16-bit values are scaled to 8 bits,
-    transparent pixels are laid over white) and resizes it to 32x32 with its bilinear filter,
-    ignoring the aspect ratio; shrinking, that filter is antialiased (each pixel averages its
-    whole footprint). The test transform (`normalize`) is applied later, as for the data sets'
-    images. ValueError names a file that is not a readable image.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError  # the train extra (matplotlib's)
-
-    try:
-        with Image.open(path) as image:
-            image = _to_rgb(ImageOps.exif_transpose(image), path)
-            size = (IMAGE_SHAPE[1], IMAGE_SHAPE[0])  # Pillow's (width, height)
-            return np.asarray(image.resize(size, Image.Resampling.BILINEAR), np.uint8)
-    except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image file that Pillow can read (expected PNG or "
-                         f"JPEG)") from None
-    except (OSError, Image.DecompressionBombError) as e:  # missing, unreadable, truncated
-        raise ValueError(f"{path}: cannot be read: {e}") from None
-
-
-# Pillow's modes of one integer channel wider than 8 bits: 16-bit grey (PNG, TIFF) and 32-bit
-# integers ('I', which older Pillows and some TIFFs use for 16-bit grey).
-_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_WHITE = (255, 255, 255, 255)
-
-
-def _to_rgb(image, path="image"):
-    """A Pillow image as 8-bit RGB, the way it looks: the input `load_image` resizes.
-
-    Pillow's own `convert("RGB")` clips 16-bit grey to 0..255 (a full-range gradient turns
-    almost white), so 16-bit grey is scaled instead: its high byte, v // 256, as Pillow reads
-    16-bit colour PNGs (so a 16-bit picture gives the same input in grey as in RGB); 32-bit
-    integer grey ('I') is read as 16-bit and refused outside 0..65535. Transparency (an alpha
-    channel, or a palette entry or grey value marked transparent) is laid over white, as a
-    viewer on a white page shows it, instead of revealing whatever colour the transparent
-    pixels hold. Floating-point images ('F') have no fixed range and are refused. ValueError
-    names `path`.
-    """
-    from PIL import Image
-
-    if image.mode in _WIDE_GREY_MODES:
-        values = np.asarray(image).astype(np.int64)
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise ValueError(f"{path}: a 32-bit integer image with values from {values.min()} "
-                             f"to {values.max()}; expected 8-bit or 16-bit (0..65535) images")
-        grey = Image.fromarray((values >> 8).astype(np.uint8))
-        key = image.info.get("transparency")  # a 16-bit grey PNG's transparent value
-        if isinstance(key, int):
-            grey.putalpha(Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8)))
-        image = grey
-    elif image.mode == "F":
-        raise ValueError(f"{path}: a floating-point image (Pillow mode F) has no fixed range; "
-                         f"expected an 8-bit or 16-bit image")
-    try:
-        if image.has_transparency_data:
-            image = Image.alpha_composite(Image.new("RGBA", image.size, _WHITE),
-                                          image.convert("RGBA"))
-        return image.convert("RGB")
-    except ValueError as e:  # a mode Pillow cannot convert, e.g. premultiplied 'La'
-        raise ValueError(f"{path}: cannot be converted to RGB ({e})") from None
 
 
 # --- the eval-mode forward -------------------------------------------------------------------
@@ -259,7 +224,90 @@ def eval_logits(state, x):
 def attention_maps(state, images) -> list:
     """Each CBAM block's spatial gate in eval mode, for uint8 images [n, 32, 32, 3]:
     CBAMCNN's [n, 16, 16], [n, 8, 8], [n, 4, 4]."""
-    return spatial_gates(apply_eval(state, normalize(images))[1])
+    return spatial_gates(apply_eval(state, normalize(images, state.normalization))[1])
+
+
+# --- Grad-CAM --------------------------------------------------------------------------------
+
+def cbam_layers(state, image_size: int = IMAGE_SHAPE[0]) -> list[str]:
+    """The module paths of a model's CBAM blocks, in the order they run ('cbam1', ...,
+    'layer4_1/cbam'): the layers `gradcam` can explain."""
+    from cbam_jax.layers import CBAM
+
+    paths = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, CBAM) and context.method_name == "__call__":
+            paths.append("/".join(context.module.path))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):  # a new function: a cached trace would call no module
+        jax.eval_shape(lambda s, x: apply_eval(s, x), state,
+                       jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+    return list(dict.fromkeys(paths))
+
+
+def _apply_with_delta(state, x, layer: str, delta):
+    """Eval-mode logits, with `delta` added to the output of the module at path `layer`, and
+    that module's output: differentiating by `delta` differentiates by the output."""
+    outputs = []
+
+    def add_delta(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and "/".join(context.module.path) == layer:
+            outputs.append(out)
+            out = out + delta if delta is not None else out
+        return out
+
+    with nn.intercept_methods(add_delta):
+        logits = apply_eval(state, x)[0]
+    if not outputs:
+        raise ValueError(f"layer {layer!r}: the model has no module at that path")
+    return logits, outputs[0]
+
+
+@functools.partial(jax.jit, static_argnames=("layer",))
+def _gradcam(state, images, target, *, layer: str):
+    x = normalize(images, state.normalization)
+    activation = jax.eval_shape(lambda: _apply_with_delta(state, x, layer, None)[1])
+
+    def score(delta):
+        logits, out = _apply_with_delta(state, x, layer, delta)
+        classes = jnp.where(target < 0, jnp.argmax(jax.lax.stop_gradient(logits), -1), target)
+        picked = jnp.take_along_axis(logits, classes[:, None], axis=-1)
+        return picked.sum(), (out, classes)  # images are independent in eval mode
+
+    grads, (out, classes) = jax.grad(score, has_aux=True)(
+        jnp.zeros(activation.shape, activation.dtype))
+    grads, out = grads.astype(jnp.float32), out.astype(jnp.float32)
+    weights = grads.mean(axis=(1, 2), keepdims=True)                # [n, 1, 1, C]
+    cam = jax.nn.relu((weights * out).sum(axis=-1))                 # [n, h, w]
+    cam = jax.image.resize(cam, (cam.shape[0], *images.shape[1:3]), "bilinear")
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    return jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1), 0.0), classes
+
+
+def gradcam(state, images, *, target: int | None = None, layer: str | None = None):
+    """Grad-CAM (Selvaraju et al., 2017), as the CBAM paper shows its models (Woo et al., 2018,
+    Figure 4): where the evidence for a class lies in uint8 images [n, S, S, 3].
+
+    The gradients of the class's logit by the output of `layer` (a module path, see
+    `cbam_layers`; default: the last CBAM block), averaged over its pixels, weight its
+    channels; their weighted sum, through a ReLU, is upsampled bilinearly to SxS and scaled
+    to a peak of 1 (all zeros where nothing speaks for the class). `target`: a class index
+    for every image, or None for each image's predicted class. Returns (maps float32
+    [n, S, S] in [0, 1], the explained classes int32 [n]).
+    """
+    images = np.asarray(images)
+    check_images(images)
+    if layer is None:
+        layers = cbam_layers(state, images.shape[1])
+        if not layers:
+            raise ValueError("the model has no CBAM block: name a layer to explain")
+        layer = layers[-1]
+    target = np.full(len(images), -1 if target is None else target, np.int32)
+    maps, classes = _gradcam(state, images, target, layer=layer)
+    return np.asarray(maps), np.asarray(classes)
 
 
 class Prediction(NamedTuple):
@@ -272,7 +320,7 @@ class Prediction(NamedTuple):
 def predict_batch(state, images, *, top_k: int, with_attention: bool):
     """One compiled eval-mode step on uint8 images [B, 32, 32, 3]: (classes, probabilities,
     spatial gates or [])."""
-    logits, intermediates = apply_eval(state, normalize(images))
+    logits, intermediates = apply_eval(state, normalize(images, state.normalization))
     if top_k > logits.shape[-1]:  # shapes are known while tracing: fail before compiling
         raise ValueError(f"top_k: expected 1 to {logits.shape[-1]} (the model's classes), "
                          f"got {top_k}")
@@ -309,10 +357,12 @@ def predict(state, images, *, top_k: int = 3, batch_size: int = DEFAULT_BATCH_SI
 
 # --- export ----------------------------------------------------------------------------------
 
-def export_stablehlo(state, platforms: tuple[str, ...] | None = None) -> bytes:
+def export_stablehlo(state, platforms: tuple[str, ...] | None = None,
+                     image_size: int = IMAGE_SHAPE[0]) -> bytes:
     """The eval-mode model as serialized StableHLO (`jax.export`), its variables inside: a
-    function of normalised float32 images [batch, 32, 32, 3], any batch, to float32 logits
-    [batch, K]. `platforms` it is lowered for (default: this backend), e.g. ('cpu', 'cuda').
+    function of normalised float32 images [batch, S, S, 3] (S = `image_size`), any batch, to
+    float32 logits [batch, K]. `platforms` it is lowered for (default: this backend), e.g.
+    ('cpu', 'cuda').
 
     Reload and run it with JAX alone: `jax.export.deserialize(blob).call(x)`. With the
     variables as constants, XLA folds part of the arithmetic (BatchNorm's scale and shift)
@@ -323,5 +373,5 @@ def export_stablehlo(state, platforms: tuple[str, ...] | None = None) -> bytes:
     batch, = jax.export.symbolic_shape("batch")
     exported = jax.export.export(jax.jit(lambda x: eval_logits(constant_state, x)),
                                  platforms=platforms)(
-        jax.ShapeDtypeStruct((batch, *IMAGE_SHAPE), jnp.float32))
+        jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32))
     return exported.serialize()

@@ -13,6 +13,10 @@ from jax.sharding import Mesh
 
 from cbam_jax import distributed
 
+# The share of a device's memory the data set may take: the model, its optimizer state and a
+# batch's activations need the rest.
+DATA_SHARE = 0.5
+
 
 @flax.struct.dataclass
 class DeviceData:
@@ -87,3 +91,53 @@ def place_data(dataset, mesh: Mesh, batch_size: int) -> DeviceData:
          *test), mesh)
     return DeviceData(*arrays, batch_size=batch_size, num_test=len(dataset.test_labels),
                       batch_sharding=distributed.batch_sharding(mesh))
+
+
+def dataset_bytes(num_images: int, image_size: int) -> int:
+    """Bytes of `num_images` uint8 RGB images of `image_size` and their int32 labels."""
+    return num_images * (image_size * image_size * 3 + 4)
+
+
+def available_bytes(device) -> int | None:
+    """What `device` can hold: an accelerator's allocator limit (`memory_stats`), or on a CPU
+    the host memory now available (/proc/meminfo's MemAvailable); None if unknown."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def fit_refusal(num_images: int, image_size: int, copies: int, available: int) -> str | None:
+    """Why `num_images` images of `image_size` in `copies` copies do not fit in `available`
+    bytes (a DATA_SHARE of it), with the largest --image-size that would fit; None if they do."""
+    budget = available * DATA_SHARE
+    needed = copies * dataset_bytes(num_images, image_size)
+    if needed <= budget:
+        return None
+    fits = next((s for s in range(image_size - 1, 0, -1)
+                 if copies * dataset_bytes(num_images, s) <= budget), None)
+    where = f" ({copies} copies: one per device, all in the host's memory)" if copies > 1 else ""
+    advice = (f"--image-size {fits} would fit" if fits else "no image size fits; use fewer images")
+    return (f"the data set ({num_images} images at {image_size}x{image_size}) needs "
+            f"{needed / 2**30:.2f} GiB{where}, more than the {DATA_SHARE:.0%} of the device's "
+            f"{available / 2**30:.2f} GiB it may take; {advice}")
+
+
+def check_fits(dataset, mesh: Mesh, available: int | None = None) -> None:
+    """Refuses (MemoryError) a data set that `place_data` could not put on `mesh`'s devices,
+    before it tries: each device holds a copy; CPU devices share the host's memory.
+    `available`: bytes per device (default: `available_bytes` of the first)."""
+    device = mesh.devices.flat[0]
+    available = available_bytes(device) if available is None else available
+    if available is None:
+        return
+    copies = mesh.devices.size if device.platform == "cpu" else 1
+    num_images = len(dataset.train_labels) + len(dataset.test_labels)
+    refusal = fit_refusal(num_images, int(dataset.train_images.shape[1]), copies, available)
+    if refusal is not None:
+        raise MemoryError(refusal)

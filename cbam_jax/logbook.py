@@ -324,8 +324,9 @@ def plot_run(run_dir, history, images, maps, class_names, labels):
 
 
 def plot_prediction(image, maps, caption: str, path):
-    """One image's figure: the 32x32 input the model saw, captioned with its top classes, then
-    each CBAM block's spatial gate upsampled bilinearly to 32x32 and laid over it. Each gate is
+    """One image's figure: the input the model saw (32x32 in the recipe), captioned with its
+    top classes, then each CBAM block's spatial gate upsampled bilinearly to its size and laid
+    over it. Each gate is
     coloured from its own lowest value (blue) to its highest (red), stated in its title: a
     trained gate often spans a narrow band of (0, 1)."""
     image = np.asarray(image)
@@ -342,6 +343,24 @@ def plot_prediction(image, maps, caption: str, path):
         ax.imshow(gate, cmap="jet", alpha=0.5, interpolation="bilinear", extent=extent)
         h, w = gate.shape
         ax.set_title(f"cbam{j} gate ({h}x{w})\n{gate.min():.2f} to {gate.max():.2f}",
+                     fontsize=8)
+        ax.axis("off")
+    fig.savefig(Path(path), dpi=100, bbox_inches="tight")
+
+
+def plot_gradcam(image, cam, caption: str, path):
+    """One image's Grad-CAM figure: the input the model saw, and the map (0 blue to 1 red)
+    laid over it; `caption` names the class and the layer explained."""
+    image = np.asarray(image)
+    fig = Figure(figsize=(4.4, 3.0))
+    extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)  # the image's pixels
+    for j, overlay in enumerate((False, True), start=1):
+        ax = fig.add_subplot(1, 2, j)
+        ax.imshow(image, interpolation="nearest")
+        if overlay:
+            ax.imshow(np.asarray(cam, np.float32), cmap="jet", alpha=0.5, vmin=0, vmax=1,
+                      interpolation="bilinear", extent=extent)
+        ax.set_title(caption if overlay else f"input ({image.shape[0]}x{image.shape[1]})",
                      fontsize=8)
         ax.axis("off")
     fig.savefig(Path(path), dpi=100, bbox_inches="tight")

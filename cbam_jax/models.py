@@ -16,22 +16,42 @@ from cbam_jax.layers import CBAM, LinenLayers, torch_bias_init, torch_kernel_ini
 
 BLOCK_CHANNELS = (32, 64, 128)
 BLOCKS = tuple(range(1, len(BLOCK_CHANNELS) + 1))
-# fc1's input [H, W, C] = [4, 4, 128]: three 2x2 max-pools halve 32 to 4.
-FEATURE_SHAPE = (IMAGE_SHAPE[0] // 8, IMAGE_SHAPE[1] // 8, BLOCK_CHANNELS[-1])
 HIDDEN_FEATURES = 512  # fc1's width
+# The smallest image the three 2x2 max-pools leave a pixel of (each drops an odd last row).
+MIN_IMAGE_SIZE = 2 ** len(BLOCKS)
 
 
-def check_input(x) -> None:
-    """CBAMCNN reads normalised floats [batch, 32, 32, 3] (fc1's width is fixed by the image
-    size); any batch size, 0 included."""
-    if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
-        raise ValueError(f"CBAMCNN expects input [batch, 32, 32, 3] (NHWC), got {x.shape}")
-    ops.reference.check_floating(x, "CBAMCNN", "[batch, 32, 32, 3]")
+def feature_shape(image_size: int = IMAGE_SHAPE[0]) -> tuple[int, int, int]:
+    """fc1's input [H, W, C]: three 2x2 max-pools halve the image, rounding down (32 -> 4)."""
+    side = image_size // 2 ** len(BLOCKS)
+    return side, side, BLOCK_CHANNELS[-1]
 
 
-def cbamcnn_layers(make, num_classes: int, dropout_rate: float) -> dict:
+FEATURE_SHAPE = feature_shape()  # [4, 4, 128] at the recipe's 32x32
+
+
+def check_image_size(image_size: int) -> None:
+    """Refuses a size the blocks cannot take, naming the smallest they can."""
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"CBAMCNN cannot take {image_size}x{image_size} images: its "
+                         f"{len(BLOCKS)} max-pools need at least {MIN_IMAGE_SIZE}x"
+                         f"{MIN_IMAGE_SIZE} (the smallest image size it takes)")
+
+
+def check_input(x, image_size: int = IMAGE_SHAPE[0]) -> None:
+    """CBAMCNN reads normalised floats [batch, S, S, 3] at the size it was built for (fc1's
+    width follows from it); any batch size, 0 included."""
+    expected = f"[batch, {image_size}, {image_size}, 3]"
+    if x.ndim != 4 or x.shape[1:] != (image_size, image_size, 3):
+        raise ValueError(f"CBAMCNN expects input {expected} (NHWC), got {x.shape}")
+    ops.reference.check_floating(x, "CBAMCNN", expected)
+
+
+def cbamcnn_layers(make, num_classes: int, dropout_rate: float,
+                   image_size: int = IMAGE_SHAPE[0]) -> dict:
     """CBAMCNN's layers in the tutorial's order, {name: layer}, made by `make` (a
-    `layers.LinenLayers` or an `nnx.NNXLayers`)."""
+    `layers.LinenLayers` or an `nnx.NNXLayers`), for square images of `image_size`."""
+    check_image_size(image_size)
     layers, in_features = {}, IMAGE_SHAPE[-1]
     for i, features in zip(BLOCKS, BLOCK_CHANNELS):
         layers[f"conv{i}"] = make.conv_same(f"conv{i}", in_features, features, 3,
@@ -39,7 +59,7 @@ def cbamcnn_layers(make, num_classes: int, dropout_rate: float) -> dict:
         layers[f"bn{i}"] = make.batch_norm(f"bn{i}", features)
         layers[f"cbam{i}"] = make.attention(f"cbam{i}", features)
         in_features = features
-    flat = math.prod(FEATURE_SHAPE)  # 4 * 4 * 128, flattened in (H, W, C) order
+    flat = math.prod(feature_shape(image_size))  # 4 * 4 * 128 at 32, in (H, W, C) order
     layers["fc1"] = make.dense("fc1", flat, HIDDEN_FEATURES, kernel_init=torch_kernel_init,
                                bias_init=torch_bias_init(flat))
     layers["dropout"] = make.dropout(dropout_rate)
@@ -59,14 +79,15 @@ def conv_bn_relu_pool(conv, bn, x, modal, fused: bool):
     return modal(bn.normalize, block, conv.features)
 
 
-def cbamcnn_forward(layers, x, modal, fused: bool):
-    """x: [B, 32, 32, 3] -> logits [B, num_classes] (float32), through `layers` (as
-    `cbamcnn_layers` makes them); `modal(layer, *args)` calls a layer in the model's mode."""
-    check_input(x)
+def cbamcnn_forward(layers, x, modal, fused: bool, image_size: int = IMAGE_SHAPE[0]):
+    """x: [B, S, S, 3] -> logits [B, num_classes] (float32), through `layers` (as
+    `cbamcnn_layers` makes them for S = `image_size`); `modal(layer, *args)` calls a layer in
+    the model's mode."""
+    check_input(x, image_size)
     for i in BLOCKS:
         x = conv_bn_relu_pool(layers[f"conv{i}"], layers[f"bn{i}"], x, modal, fused)
         x = modal(layers[f"cbam{i}"], x)
-    x = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # [B, 4 * 4 * 128], (H, W, C) order
+    x = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # [B, 4 * 4 * 128] at 32, (H, W, C)
     x = layers["dropout"](jax.nn.relu(layers["fc1"](x)))
     return layers["fc2"](x).astype(jnp.float32)
 
@@ -74,7 +95,8 @@ def cbamcnn_forward(layers, x, modal, fused: bool):
 class CBAMCNN(nn.Module):
     """Three blocks of conv3x3 -> BatchNorm -> ReLU -> max-pool 2x2 -> CBAM, then a 2-layer head.
 
-    x: [B, 32, 32, 3] normalised floats -> logits [B, num_classes] (float32).
+    x: [B, S, S, 3] normalised floats -> logits [B, num_classes] (float32); S is
+    `image_size` (the recipe's 32; at least MIN_IMAGE_SIZE), which sets fc1's width.
     `train=True` uses batch statistics (and updates `batch_stats`) and needs a 'dropout' rng.
     fc1's input is flattened in NHWC order (H, W, C); PyTorch flattens (C, H, W), which the
     parity converter accounts for.
@@ -93,9 +115,10 @@ class CBAMCNN(nn.Module):
     dtype: Any = None  # compute dtype, e.g. jnp.bfloat16; params stay param_dtype
     param_dtype: Any = jnp.float32
     fused: bool = True
+    image_size: int = IMAGE_SHAPE[0]
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         make = LinenLayers(train, self.dtype, self.param_dtype, self.fused, attn_layer=CBAM)
-        layers = cbamcnn_layers(make, self.num_classes, self.dropout_rate)
-        return cbamcnn_forward(layers, x, make.modal, self.fused)
+        layers = cbamcnn_layers(make, self.num_classes, self.dropout_rate, self.image_size)
+        return cbamcnn_forward(layers, x, make.modal, self.fused, self.image_size)

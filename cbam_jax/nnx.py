@@ -324,21 +324,22 @@ def _set_layers(module: nnx.Module, layers: dict) -> None:
 class CBAMCNN(nnx.Module):
     """Three blocks of conv3x3 -> BatchNorm -> ReLU -> max-pool 2x2 -> CBAM, then a 2-layer head.
 
-    x: [B, 32, 32, 3] normalised floats -> logits [B, num_classes] (float32). In training mode
-    the dropout draws from `rngs`' 'dropout' stream (else its default one). The layers are
+    x: [B, S, S, 3] normalised floats -> logits [B, num_classes] (float32); S is `image_size`
+    (the recipe's 32; at least `models.MIN_IMAGE_SIZE`), which sets fc1's width. In training
+    mode the dropout draws from `rngs`' 'dropout' stream (else its default one). The layers are
     named as the Linen `cbam_jax.CBAMCNN`'s and the tutorial's (conv1, bn1, cbam1, ..., fc2),
     and `fused` chooses the path as there.
     """
 
     def __init__(self, num_classes: int = 10, *, dropout_rate: float = 0.5,
                  dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-                 fused: bool = True, rngs: nnx.Rngs):
-        self.fused = fused
+                 fused: bool = True, image_size: int = models.IMAGE_SHAPE[0], rngs: nnx.Rngs):
+        self.fused, self.image_size = fused, image_size
         make = NNXLayers(rngs, dtype, param_dtype, fused, attn_layer=CBAM)
-        _set_layers(self, models.cbamcnn_layers(make, num_classes, dropout_rate))
+        _set_layers(self, models.cbamcnn_layers(make, num_classes, dropout_rate, image_size))
 
     def __call__(self, x):
-        return models.cbamcnn_forward(vars(self), x, modal, self.fused)
+        return models.cbamcnn_forward(vars(self), x, modal, self.fused, self.image_size)
 
 
 # --- CBAM-ResNets ----------------------------------------------------------------------------

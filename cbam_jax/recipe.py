@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from cbam_jax.registry import MODEL_NAMES
 
-DATASETS = ("auto", "cifar10", "digits")
+DATASETS = ("auto", "cifar10", "digits", "folder")
 DTYPES = ("float32", "bfloat16")  # compute dtypes; cbam_jax.train maps them to jnp dtypes
 DEFAULT_RUN_DIR = "runs/CBAM_CNN_experiment"  # the tutorial's, suffixed _1, _2, ... when taken
 DEFAULT_DATA_DIR = "./data"  # where CIFAR-10 is looked for and downloaded

@@ -265,11 +265,13 @@ def replace_with_empty(lock: RunLock) -> RunLock:
 # --- the run record (run.json) ---------------------------------------------------------------
 
 def new_record(config: Mapping, dataset: str, *, devices: int, processes: int = 1,
-               data_dir=None, checkpoint_dir=None) -> dict:
+               data_dir=None, checkpoint_dir=None, data: Mapping | None = None) -> dict:
     """What run.json records: the recipe's settings, the data set and the directory it was
-    read from, the checkpoint directory (None: the run directory's checkpoints/), and the
-    devices each batch was split over, in how many processes."""
+    read from, what the model knows of it (`data`: class names, image size, mean and std,
+    `Dataset.description`), the checkpoint directory (None: the run directory's
+    checkpoints/), and the devices each batch was split over, in how many processes."""
     return {"config": dict(config), "dataset": dataset,
+            **({} if data is None else {"data": dict(data)}),
             "data_dir": None if data_dir is None else os.path.abspath(data_dir),
             "checkpoint_dir": None if checkpoint_dir is None else os.path.abspath(checkpoint_dir),
             "devices": devices, "processes": processes}
@@ -311,31 +313,45 @@ def write_record(run_dir, record: Mapping) -> None:
 
 def recorded_settings(record: Mapping) -> dict:
     """The settings a resume takes from `record` where no flag gives them, by the command
-    line's names: the recipe's, `dataset`, `data_dir`, `checkpoint_dir` and `devices` (per
-    process). A record written before some of these were kept lacks them: their flags' defaults
-    apply, and a missing device count is not checked."""
+    line's names: the recipe's, `dataset`, `data_dir`, `image_size`, `skip_unreadable`,
+    `checkpoint_dir` and `devices` (per process). A record written before some of these were
+    kept lacks them: their flags' defaults apply, and a missing device count is not checked."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = {k: v for k, v in record["config"].items() if k in known}
     settings["dataset"] = record["dataset"]
     for key in ("data_dir", "checkpoint_dir"):
         if record.get(key) is not None:
             settings[key] = record[key]
+    settings.update(_data_settings(record))
     if record.get("devices"):
         settings["devices"] = record["devices"] // record.get("processes", 1)
     return settings
+
+
+# What the data set a run read depends on, besides its directory (which may move): a resume
+# that changed one would train on other images.
+DATA_KEYS = ("dataset", "image_size", "skip_unreadable")
+
+
+def _data_settings(record: Mapping) -> dict:
+    """The `image_size` and, for a folder, `skip_unreadable` that `record`'s data description
+    keeps (none for a record written before it had one)."""
+    data = record.get("data") or {}
+    return {k: data[k] for k in ("image_size", "skip_unreadable") if k in data}
 
 
 def check_resume(record: Mapping, settings: Mapping, run_dir, *,
                  allow_device_change: bool = False) -> None:
     """Refuse (ResumeMismatchError) to continue the run that `record` describes with
     `settings` (the recipe's, `dataset`, `devices`: how many in all, and `checkpoint_dir`)
-    that would change its result: a `RESUME_KEYS` setting, the data set, fewer epochs than
+    that would change its result: a `RESUME_KEYS` setting, the data set or how it was read
+    (`DATA_KEYS`: its image size, whether unreadable files were left out), fewer epochs than
     recorded, another device count (unless `allow_device_change`: the result then differs in
     its last bits), or another checkpoint directory (whose lack of checkpoints would restart
     the run)."""
-    recorded = {**record["config"], "dataset": record["dataset"]}
-    changed = [k for k in (*RESUME_KEYS, "dataset") if k in recorded and k in settings
-               and recorded[k] != settings[k]]
+    recorded = {**record["config"], "dataset": record["dataset"], **_data_settings(record)}
+    changed = [k for k in (*RESUME_KEYS, *DATA_KEYS) if k in recorded
+               and k in settings and recorded[k] != settings[k]]
     if settings["epochs"] < recorded.get("epochs", 0):
         changed.append("epochs")
     changes = [f"{flag_of(k)} {_shown(settings[k])} (recorded: {_shown(recorded[k])})"
@@ -362,4 +378,6 @@ def _checkpoints(checkpoint_dir, run_dir) -> Path:
 
 
 def _shown(value) -> str:
+    if isinstance(value, bool):  # a switch: --skip-unreadable
+        return "on" if value else "off"
     return "automatic" if value is None else str(value)

@@ -29,9 +29,9 @@ from flax.training import train_state
 
 from cbam_jax import distributed, rundir
 from cbam_jax.augment import augment, normalize
-from cbam_jax.data import IMAGE_SHAPE
+from cbam_jax.data import CIFAR10_NORMALIZATION, IMAGE_SHAPE, Normalization
 from cbam_jax.inference import attention_maps
-from cbam_jax.loader import DeviceData, place_data
+from cbam_jax.loader import DeviceData, check_fits, place_data
 from cbam_jax.recipe import RUN_RECORD, TrainConfig, cadence_in_epoch
 from cbam_jax.registry import create_model
 from cbam_jax.schedule import PlateauState, tutorial_plateau
@@ -61,33 +61,43 @@ def default_steps_per_call() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def build(dtype: str = "float32", model: str = "cbam_cnn",
-          num_classes: int = 10) -> tuple[Any, optax.GradientTransformation]:
-    """The model and optimizer for a compute dtype, built once per process.
+def build(dtype: str = "float32", model: str = "cbam_cnn", num_classes: int = 10,
+          image_size: int = IMAGE_SHAPE[0]) -> tuple[Any, optax.GradientTransformation]:
+    """The model (for square images of `image_size`) and optimizer for a compute dtype, built
+    once per process.
 
     Both ride on the train state as static fields, so they are part of the compiled steps'
     cache key: building them once lets repeated runs in one process (tests, notebooks) reuse
     the compiled code. The optimizer's initial learning rate is irrelevant: the state carries
     the one in use.
     """
-    return create_model(model, num_classes, DTYPES[dtype]), make_optimizer(1e-3)
+    return (create_model(model, num_classes, DTYPES[dtype], image_size=image_size),
+            make_optimizer(1e-3))
 
 
 class TrainState(train_state.TrainState):
     """Flax's train state (step, apply_fn, params, tx, opt_state) plus BatchNorm's running
-    statistics and the run's PRNG key; per-step and per-epoch keys are folded from it."""
+    statistics and the run's PRNG key; per-step and per-epoch keys are folded from it. The
+    data set's `normalization` (static, like apply_fn) is the Normalize its images get."""
 
     batch_stats: Any
     rng: jax.Array
+    normalization: Normalization = flax.struct.field(pytree_node=False,
+                                                     default=CIFAR10_NORMALIZATION)
 
 
-def create_train_state(model, tx, rng: jax.Array, learning_rate: float) -> TrainState:
-    """Initial state. `init` runs eagerly so `params` keeps the modules' call order (reports)."""
+def create_train_state(model, tx, rng: jax.Array, learning_rate: float,
+                       image_size: int = IMAGE_SHAPE[0],
+                       normalization: Normalization = CIFAR10_NORMALIZATION) -> TrainState:
+    """Initial state for images of `image_size`. `init` runs eagerly so `params` keeps the
+    modules' call order (reports)."""
     init_rng, train_rng = jax.random.split(rng)
-    variables = model.init(init_rng, jnp.zeros((1, *IMAGE_SHAPE), jnp.float32), train=False)
+    variables = model.init(init_rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32),
+                           train=False)
     state = TrainState(step=jnp.zeros((), jnp.int32), apply_fn=model.apply,
                        params=variables["params"], tx=tx, opt_state=tx.init(variables["params"]),
-                       batch_stats=variables["batch_stats"], rng=train_rng)
+                       batch_stats=variables["batch_stats"], rng=train_rng,
+                       normalization=normalization)
     return set_learning_rate(state, learning_rate)
 
 
@@ -127,13 +137,13 @@ def adam_step(state: TrainState, x, labels, dropout_key):
 def train_step(state: TrainState, images, labels):
     """One Adam step on a uint8 batch: augment, forward in train mode, cross-entropy, update.
 
-    images: uint8 [B, 32, 32, 3]; labels: int32 [B]. Returns (state, metrics): the batch's mean
+    images: uint8 [B, S, S, 3]; labels: int32 [B]. Returns (state, metrics): the batch's mean
     loss, its number of correct predictions, and the gradients.
     """
     key = jax.random.fold_in(jax.random.fold_in(state.rng, _STEP_STREAM), state.step)
     augment_key, dropout_key = jax.random.split(key)
-    state, loss, logits, grads = adam_step(state, augment(augment_key, images), labels,
-                                           dropout_key)
+    state, loss, logits, grads = adam_step(
+        state, augment(augment_key, images, state.normalization), labels, dropout_key)
     return state, {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
                    "grads": grads}
 
@@ -142,7 +152,7 @@ def eval_per_image(state: TrainState, images, labels):
     """Eval-mode cross-entropy and correctness of each image of a uint8 batch: ([B] float32,
     [B] bool). Eval mode uses running statistics, so each image's result depends on it alone."""
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                            normalize(images), train=False)
+                            normalize(images, state.normalization), train=False)
     return (optax.softmax_cross_entropy_with_integer_labels(logits, labels),
             jnp.argmax(logits, -1) == labels)
 
@@ -467,8 +477,9 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
     if not primary:
         log, progress_stream = (lambda *_: None), open(os.devnull, "w")
 
+    check_fits(dataset, mesh)  # before the copy: a data set too large is refused, saying why
     data = place_data(dataset, mesh, config.batch_size)  # also checks the batch fits the mesh
-    state = _initial_state(config, len(dataset.class_names), mesh, log)
+    state = _initial_state(config, dataset, mesh, log)
     plateau, history = tutorial_plateau().init(config.learning_rate), History()
     start_epoch, best_test_acc = 0, -1.0
     shown = np.asarray(dataset.test_images[:config.num_attention_images], np.uint8)
@@ -487,7 +498,8 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
     elif primary:
         rundir.write_record(run_dir, rundir.new_record(
             dataclasses.asdict(config), dataset.name, devices=mesh.size,
-            processes=jax.process_count(), data_dir=data_dir, checkpoint_dir=checkpoint_dir))
+            processes=jax.process_count(), data_dir=data_dir, checkpoint_dir=checkpoint_dir,
+            data=dataset.description()))
 
     book = None
     if primary:  # on resume, the logbook drops what the killed run wrote after its checkpoint
@@ -515,7 +527,8 @@ def fit(config: TrainConfig, dataset, run_dir, *, checkpoint_dir=None, resume: b
             is_best, best_test_acc = result.test_acc > best_test_acc, max(best_test_acc,
                                                                             result.test_acc)
             checkpoints.save(epoch + 1, state, {
-                "epoch": epoch + 1, "dataset": dataset.name, "config": dataclasses.asdict(config),
+                "epoch": epoch + 1, "dataset": dataset.name, "data": dataset.description(),
+                "config": dataclasses.asdict(config),
                 "devices": mesh.size,  # scripts/evaluate.py repeats the test loss on as many
                 "plateau": plateau._asdict(), "history": dataclasses.asdict(history),
                 "best_test_acc": best_test_acc}, is_best=is_best)
@@ -570,12 +583,14 @@ def _check_resumable(config: TrainConfig, dataset_name: str, run_dir: Path, chec
             rundir.write_record(run_dir, continued)
 
 
-def _initial_state(config: TrainConfig, num_classes: int, mesh, log) -> TrainState:
-    """The model's initial state on every device of the mesh; prints the parameter table."""
+def _initial_state(config: TrainConfig, dataset, mesh, log) -> TrainState:
+    """The model's initial state for the data set's classes, image size and normalisation, on
+    every device of the mesh; prints the parameter table."""
     from cbam_jax.naming import parameter_report
 
-    model, tx = build(config.dtype, config.model, num_classes)
-    state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), config.learning_rate)
+    model, tx = build(config.dtype, config.model, len(dataset.class_names), dataset.image_size)
+    state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), config.learning_rate,
+                               dataset.image_size, dataset.normalization)
     parameter_report(state.params, log)  # before any pytree map, which would sort the names
     return distributed.put_replicated(state, mesh)
 

@@ -59,9 +59,10 @@ def sample_params(rng: np.random.Generator) -> ImageParams:
 # --- The Pillow operations (PIL image in, PIL image out). ------------------------------------
 
 def random_crop(img: Image.Image, top: int, left: int) -> Image.Image:
-    """F.pad(img, 4, fill=0) -> ImageOps.expand; F.crop -> Image.crop((l, t, r, b))."""
-    padded = ImageOps.expand(img, border=augment.CROP_PADDING, fill=(0, 0, 0))
-    height, width = augment.IMAGE_SHAPE[:2]
+    """F.pad(img, 4, fill=0) -> ImageOps.expand; F.crop -> Image.crop((l, t, r, b)); the
+    padding scaled with the size as `augment.crop_padding` scales it."""
+    width, height = img.size
+    padded = ImageOps.expand(img, border=augment.crop_padding(height), fill=(0, 0, 0))
     return padded.crop((left, top, left + width, top + height))
 
 

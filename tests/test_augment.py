@@ -272,5 +272,5 @@ def test_pillow_side_sampler_draws_the_same_ranges():
                                 functools.partial(augment.augment, jax.random.key(0)),
                                 functools.partial(augment.apply_params, None)])
 def test_wrong_shape_or_dtype_is_a_clear_error(fn, bad):
-    with pytest.raises(ValueError, match=r"expected uint8 images of shape \[B, 32, 32, 3\]"):
+    with pytest.raises(ValueError, match=r"expected uint8 images of shape \[B, S, S, 3\]"):
         fn(bad)

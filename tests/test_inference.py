@@ -14,7 +14,9 @@ import sys
 import zlib
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,7 +24,7 @@ from PIL import Image
 from cbam_jax import inference, train
 from cbam_jax.augment import normalize
 from cbam_jax.checkpoint import read_meta, step_directory
-from cbam_jax.data import load_dataset
+from cbam_jax.data import Normalization, load_dataset
 from parity import load_checkpoint as load_any_checkpoint
 from parity.onnx_export import check_onnx, onnx_ops
 
@@ -196,7 +198,8 @@ def test_predict_writes_a_figure_per_image_and_reports_bad_inputs(run_dir, train
     assert code == 1  # some inputs failed; the others still ran
     assert f"{image_folder / 'notes.png'}: not an image file that Pillow can read" \
         in captured.err
-    assert f"{empty}: a folder with no .png, .jpg, .jpeg files" in captured.err
+    assert (f"{empty}: a folder with no .png, .jpg, .jpeg, .bmp, .webp, .tif, .tiff files"
+            in captured.err)
     assert f"{tmp_path / 'missing.png'}: no such file or folder" in captured.err
     assert "3 input(s) failed, 4 image(s) predicted" in captured.err
     figures = sorted(p.name for p in out.iterdir())
@@ -218,6 +221,23 @@ def test_predict_exits_0_when_every_image_is_read(run_dir, image_folder, tmp_pat
                                            "--no-figures", "--out-dir", str(tmp_path / "no")])
     assert code == 0 and not (tmp_path / "no").exists()
     assert capsys.readouterr().out.startswith(f"{image_folder / 'digit3.jpg'}: ")
+
+
+def test_predict_refuses_a_class_or_layer_it_cannot_explain_in_one_line(run_dir, trained,
+                                                                         image_folder, tmp_path,
+                                                                         capsys):
+    script, image, out = load_script("predict.py"), str(image_folder / "digit0.png"), tmp_path / "f"
+    layers = inference.cbam_layers(trained.state)
+    assert layers[-1].startswith("cbam3")  # the default: the last CBAM block
+    for flag, value, expected in (
+            ("--class", "horse", "expected one of 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 (or 0 to 9)"),
+            ("--class", "10", "expected one of 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 (or 0 to 9)"),
+            ("--layer", "fc9", f"expected one of {', '.join(layers)}")):
+        code = script.main([str(run_dir), image, "--explain", "gradcam", flag, value,
+                            "--out-dir", str(out)])
+        captured = capsys.readouterr()
+        assert code == 1 and captured.err == f"error: {flag} {value}: {expected}\n"
+        assert not captured.out and not out.exists()  # refused before any image is read
 
 
 def test_predict_help_states_the_interpolation():
@@ -418,3 +438,61 @@ def test_onnx_export_meets_standard_ops_and_agrees_with_jax(run_dir, trained, di
     rows = check_onnx(artifact, variables, x, np.asarray(inference.eval_logits(trained.state, x)))
     assert [row.name for row in rows] == ["ONNX Runtime logits", "JAX logits"]
     assert all(row.passed for row in rows), rows
+
+
+# --- Grad-CAM --------------------------------------------------------------------------------
+
+class TwoSquares(nn.Module):
+    """A known answer: class 0's logit is the red channel over the top-left 8x8 quarter, class
+    1's the green channel over the bottom-right one, read from `features` (red -> channel 0,
+    green -> channel 1)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        kernel = np.zeros((1, 1, 3, 2), np.float32)
+        kernel[0, 0, 0, 0] = kernel[0, 0, 1, 1] = 1.0
+        features = nn.Conv(2, (1, 1), use_bias=False, name="features",
+                           kernel_init=lambda *_: jnp.asarray(kernel))(x)
+        features = jax.nn.relu(features)
+        return jnp.stack([features[:, :8, :8, 0].mean((1, 2)),
+                          features[:, 8:, 8:, 1].mean((1, 2))], axis=-1)
+
+
+def test_gradcam_finds_the_region_each_class_reads():
+    model = TwoSquares()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    state = inference.InferenceState(model.apply, variables["params"], {},
+                                     Normalization((0.0,) * 3, (1.0,) * 3))
+    image = np.zeros((1, 16, 16, 3), np.uint8)
+    image[0, 2:6, 2:6, 0] = 255     # red, 16 pixels, in class 0's quarter
+    image[0, 11:14, 11:14, 1] = 255  # green, 9 pixels, in class 1's
+    predicted_map, predicted = inference.gradcam(state, image, layer="features")
+    assert predicted.tolist() == [0]  # 16 / 64 > 9 / 64
+    for target, inside, outside in ((0, (slice(2, 6), slice(2, 6)), (12, 12)),
+                                    (1, (slice(11, 14), slice(11, 14)), (3, 3))):
+        cam, explained = inference.gradcam(state, image, target=target, layer="features")
+        assert explained.tolist() == [target] and cam.shape == (1, 16, 16)
+        peak = np.unravel_index(cam[0].argmax(), cam[0].shape)
+        assert inside[0].start <= peak[0] < inside[0].stop
+        assert inside[1].start <= peak[1] < inside[1].stop
+        assert cam[0].max() == 1.0 and cam[0][outside] == 0.0
+    np.testing.assert_array_equal(predicted_map, inference.gradcam(state, image, target=0,
+                                                                   layer="features")[0])
+    with pytest.raises(ValueError, match="no module at that path"):
+        inference.gradcam(state, image, layer="nowhere")
+
+
+@pytest.mark.parametrize("name, size, last", [("cbam_cnn", 16, "cbam3"),
+                                              ("cbam_resnet18", 8, "layer4_1/cbam")])
+def test_gradcam_explains_the_last_cbam_block_of_each_model(name, size, last):
+    model, tx = train.build("float32", name, 3, size)
+    state = train.create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3, size)
+    layers = inference.cbam_layers(state, size)
+    assert layers[-1] == last and len(layers) == (3 if name == "cbam_cnn" else 8)
+    images = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), np.uint8)
+    cams, classes = inference.gradcam(state, images)
+    default = inference.gradcam(state, images, layer=last)
+    np.testing.assert_array_equal(cams, default[0])
+    assert cams.shape == (2, size, size) and np.all((cams >= 0) & (cams <= 1))
+    top = inference.predict(state, images, top_k=1).classes[:, 0]
+    np.testing.assert_array_equal(classes, top)

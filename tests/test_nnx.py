@@ -3,7 +3,7 @@
 reference), PyTorch's through the parity converters, train on digits under nnx.jit, and raise
 the Linen modules' errors word for word.
 
-Runtime: 88 tests, about 85 s on 2 CPU cores (most of it the digits loop, the two small
+Runtime: 89 tests, about 85 s on 2 CPU cores (most of it the digits loop, the two small
 ResNets and the CBAMCNN fixtures). The lone layers, the ResNets and CBAMCNN's evaluation run op
 by op (no jit): the
 NNX and the Linen side then share the compiled ops, which costs less than compiling each
@@ -306,6 +306,27 @@ def test_cbamcnn_reference_path_equals_linens(cnn):
     _assert_trees_equal(cn.to_linen(model)["batch_stats"], state["batch_stats"])
     model.eval()
     np.testing.assert_array_equal(model(x), linen.apply(cn.to_linen(model), x))
+
+
+def test_cbamcnn_at_16_pixels_has_linens_variables_and_numbers():
+    """`image_size=16`: fc1 takes 2 * 2 * 128 inputs on both sides; train-mode logits and
+    running statistics, then eval-mode logits, bit for bit on the same (moved) weights."""
+    x = jax.random.normal(jax.random.key(3), (4, 16, 16, 3))
+    linen = models.CBAMCNN(num_classes=3, dropout_rate=0.0, image_size=16)
+    model = _perturbed(cn.CBAMCNN(3, dropout_rate=0.0, image_size=16, rngs=nnx.Rngs(0)))
+    variables = cn.to_linen(model)
+    def shapes(tree):
+        return jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+
+    assert shapes(variables) == shapes(_linen_init(linen, x, train=False))
+    assert variables["params"]["fc1"]["kernel"].shape == (2 * 2 * 128, 512)
+    expected, state = linen.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_array_equal(model(x), expected)
+    _assert_trees_equal(cn.to_linen(model)["batch_stats"], state["batch_stats"])
+    model.eval()
+    np.testing.assert_array_equal(model(x), linen.apply(cn.to_linen(model), x))
+    with pytest.raises(ValueError, match=r"\[batch, 16, 16, 3\]"):
+        model(jnp.zeros((1, 32, 32, 3)))
 
 
 def test_cbamcnn_train_step_matches_pytorch(cnn, cnn_train_step):

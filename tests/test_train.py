@@ -164,11 +164,11 @@ def short_runs(digits, tmp_path_factory):
     return whole, first, resumed
 
 
-def test_run_json_records_the_settings_and_a_resume_its_larger_epoch_count(short_runs):
+def test_run_json_records_the_settings_and_a_resume_its_larger_epoch_count(short_runs, digits):
     whole, first, resumed = short_runs
     record = rundir.read_record(whole.run_dir)
     assert record == {"config": dataclasses.asdict(SHORT), "dataset": "digits",
-                      "data_dir": None, "checkpoint_dir": None,
+                      "data": digits.description(), "data_dir": None, "checkpoint_dir": None,
                       "devices": jax.device_count(), "processes": 1}
     assert rundir.read_record(resumed.run_dir) == record  # recorded 1 epoch, resumed to 2
 

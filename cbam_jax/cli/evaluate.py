@@ -90,7 +90,12 @@ def main(argv=None) -> int:
                                   mesh=mesh)
         data_dir = args.data_dir or record.get("data_dir") or DEFAULT_DATA_DIR
         dataset = load_dataset(trained.dataset, data_dir, download=not args.no_download,
-                               log=lambda *_: None)
+                               log=lambda *_: None, image_size=trained.image_size,
+                               skip_unreadable=bool((trained.data or {}).get(
+                                   "skip_unreadable")))  # as the run read its folder
+        if dataset.class_names != trained.class_names:
+            raise ValueError(f"{data_dir} now holds the classes {', '.join(dataset.class_names)}"
+                             f"; the model was trained on {', '.join(trained.class_names)}")
         data = place_data(dataset, mesh, trained.config.batch_size)
     except (FileNotFoundError, ValueError, DatasetUnavailableError) as e:  # ValueError: also
         return error_exit(e)  # a damaged checkpoint (checkpoint.DamagedCheckpointError)

@@ -4,7 +4,8 @@ The file goes into the run directory (`<model>_<dataset>.stablehlo` or `.onnx`) 
 names another; a checkpoint outside any run directory writes it beside itself.
 
 - `stablehlo` (JAX only): `jax.export` of the eval-mode model, its variables inside, serialized.
-  Input: normalised float32 images [batch, 32, 32, 3] (NHWC, any batch); output: float32 logits.
+  Input: normalised float32 images [batch, S, S, 3] (NHWC, any batch; S the run's image size,
+  32 in the recipe); output: float32 logits.
   Reload with JAX alone: `jax.export.deserialize(open(path, "rb").read()).call(x)`.
 - `onnx` (the `export` extra: torch, onnx, onnxscript, onnxruntime): the tutorial's CBAM_CNN
   with these weights (`parity.flax_to_torch`), through `torch.onnx.export`. Input: normalised
@@ -12,7 +13,8 @@ names another; a checkpoint outside any run directory writes it beside itself.
   the run's dtype.
 
 "Normalised" is the tutorial's test transform: pixel / 255, minus CIFAR-10's mean, over its std
-(`cbam_jax.augment.CIFAR10_MEAN`, `CIFAR10_STD`). Each artifact is checked before the script
+(`cbam_jax.augment.CIFAR10_MEAN`, `CIFAR10_STD`); a folder data set's own mean and std, which
+its run.json records ("data"). Each artifact is checked before the script
 ends: reloaded (StableHLO) or run in onnxruntime (ONNX) on 16 random images and compared with
 the JAX model's logits; the exit status is 1 if they disagree.
 """
@@ -81,13 +83,20 @@ def main(argv=None) -> int:
         return 1
     out = check_out_file(args.out or default_out(trained, args.format), "--out")
 
-    images = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, 32, 32, 3), np.uint8)
-    x = np.asarray(normalize(images))
+    size = trained.image_size
+    classes = len(trained.class_names)
+    if args.format != "stablehlo" and (size, classes) != (32, 10):
+        print(f"error: --format {args.format} exports the tutorial's CBAM_CNN, 10 classes at "
+              f"32x32; this model has {classes} classes at {size}x{size} (--format stablehlo "
+              f"exports it)", file=sys.stderr)
+        return 1
+    images = np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, size, size, 3), np.uint8)
+    x = np.asarray(normalize(images, trained.state.normalization))
     expected = np.asarray(eval_logits(trained.state, x))
     if args.format == "stablehlo":
         platforms = tuple(args.platforms.split(",")) if args.platforms else None
         write_whole(out, lambda path: path.write_bytes(export_stablehlo(trained.state,
-                                                                         platforms)))
+                                                                         platforms, size)))
         exported = jax.export.deserialize(out.read_bytes())
         here = {"gpu": ("cuda", "rocm")}.get(jax.default_backend(), (jax.default_backend(),))
         if not set(here) & set(exported.platforms):

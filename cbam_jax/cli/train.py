@@ -16,6 +16,7 @@ from pathlib import Path
 from cbam_jax import recipe, rundir
 from cbam_jax.cli import TRAIN_MODULES, command, error_exit, require
 from cbam_jax.recipe import DEFAULT_DATA_DIR, DEFAULT_RUN_DIR, NON_NEGATIVE_INT, POSITIVE_INT
+from cbam_jax.registry import DEFAULT_IMAGE_SIZE, check_image_size
 from cbam_jax.rundir import RunDirError
 
 
@@ -29,13 +30,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe.add_config_flags(p)
     p.add_argument("--dataset", choices=recipe.DATASETS, default="auto",
                    help="'cifar10'; 'digits' (scikit-learn's 8x8 digits at 32x32, offline); "
-                        "'auto': CIFAR-10 when a local copy or the network has it, else digits "
-                        "(a local copy that cannot be read is an error, not a fallback) "
-                        "(default: %(default)s)")
+                        "'folder': your own images in --data-dir, DIR/train/<class>/* and "
+                        "DIR/test/<class>/* (or val/, validation/; without one, 20%% of each "
+                        "class is held out); 'auto': CIFAR-10 when a local copy or the network "
+                        "has it, else digits (a local copy that cannot be read is an error, not "
+                        "a fallback) (default: %(default)s)")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="where CIFAR-10 is looked for and downloaded (tfds data dir, or the "
-                        "torchvision folder cifar-10-batches-py / its tarball) (default: "
-                        "%(default)s)")
+                        "torchvision folder cifar-10-batches-py / its tarball); with --dataset "
+                        "folder, the folder of your images (default: %(default)s)")
+    p.add_argument("--image-size", type=POSITIVE_INT.parse, default=DEFAULT_IMAGE_SIZE,
+                   help="with --dataset folder: the side every image is resized to, once, "
+                        "and cached next to the data (default: %(default)s, the recipe's)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="with --dataset folder: leave out the files that cannot be read as "
+                        "images, and count them (default: list them all in one error)")
     p.add_argument("--no-download", action="store_true",
                    help="never download CIFAR-10; use only local copies")
     p.add_argument("--run-dir", default=None,
@@ -90,6 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--overwrite needs --run-dir (a default run directory is always a new one)")
     if args.allow_device_change and args.resume is None:
         p.error("--allow-device-change goes with --resume")
+    if (args.dataset != "folder" and args.resume is None
+            and args.image_size != DEFAULT_IMAGE_SIZE):
+        p.error(f"--image-size is for --dataset folder: {args.dataset} images are "
+                f"{DEFAULT_IMAGE_SIZE}x{DEFAULT_IMAGE_SIZE}")
     # Parsed again into a namespace that already has every name, argparse fills in no default:
     # the names whose value changed are the flags that were given.
     unset = object()
@@ -130,12 +143,14 @@ def main(argv=None) -> int:
     try:
         resumed = take_recorded_settings(args) if args.resume is not None else None
         config = recipe.config_from_args(args)
+        check_image_size(config.model, args.image_size)  # before JAX starts or data is read
         mesh, cache, cpu_devices_set = start_jax(args, config, resumed)
         if resumed is not None and resumed.record is not None:  # before the data is loaded
             rundir.check_resume(resumed.record, {
                 **dataclasses.asdict(config), "dataset": args.dataset, "devices": mesh.size,
-                "checkpoint_dir": args.checkpoint_dir}, resumed.run_dir,
-                allow_device_change=args.allow_device_change)
+                "checkpoint_dir": args.checkpoint_dir, "image_size": args.image_size,
+                "skip_unreadable": args.skip_unreadable},
+                resumed.run_dir, allow_device_change=args.allow_device_change)
         run_dir, owner = claim_run_dir(args, resumed)
     except ValueError as e:  # RunDirError, a bad recorded setting, a mesh that cannot be built
         return error_exit(e, 2)
@@ -223,7 +238,9 @@ def run(args, config, run_dir: Path, resume: bool, mesh, cache, cpu_devices_set)
     from cbam_jax.data import DatasetUnavailableError, load_dataset
     from cbam_jax.train import NonFiniteLossError, fit
     try:
-        dataset = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+        dataset = load_dataset(args.dataset, args.data_dir, download=not args.no_download,
+                               image_size=args.image_size,
+                               skip_unreadable=args.skip_unreadable)
     except DatasetUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -236,12 +253,17 @@ def run(args, config, run_dir: Path, resume: bool, mesh, cache, cpu_devices_set)
     # cannot be created, ...
     except RunDirError as e:  # refused as the checks before the run are: exit status 2
         return error_exit(e, 2)
-    except (NonFiniteLossError, DamagedCheckpointError, OSError) as e:
+    except (NonFiniteLossError, DamagedCheckpointError, OSError, MemoryError) as e:
         return error_exit(e)
     if not distributed.is_primary_process():
         return 0  # process 0 reports and exports the model
     print(f"Training finished! Final test accuracy: {result.final_test_acc:.2f}%")
-    if config.model == "cbam_cnn":  # the only model with a PyTorch twin (the tutorial's CBAM_CNN)
+    # The only model with a PyTorch twin, the tutorial's CBAM_CNN: 10 classes, 32x32 images.
+    tutorial_shaped = len(dataset.class_names) == 10 and dataset.image_size == 32
+    if config.model == "cbam_cnn" and not tutorial_shaped:
+        print(f"No .pth export: the tutorial's CBAM_CNN takes 10 classes at 32x32, this model "
+              f"{len(dataset.class_names)} at {dataset.image_size}x{dataset.image_size}")
+    elif config.model == "cbam_cnn":
         try:
             export_pth(result, run_dir / f"{dataset.name}_cbam_cnn_model.pth")
         except OSError as e:
