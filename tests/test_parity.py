@@ -284,6 +284,7 @@ def test_adam_update_from_identical_gradients_is_within_float32_rounding():
 
 
 # (d) trained checkpoints: what a user of the tutorial brings.
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["early", "late"])
 def test_report_on_a_tutorial_checkpoint_exits_0(checkpoints, when, capsys):
     assert main(["--pth", str(checkpoints[when])]) == 0, capsys.readouterr().out
@@ -312,6 +313,7 @@ def test_negative_control_fails_on_random_weights(state_dict, name):
     assert rows[CAUGHT_BY[name]].jax_error > 10 * rows[CAUGHT_BY[name]].bound
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NEGATIVE_CONTROLS))
 def test_negative_control_fails_on_a_late_tutorial_checkpoint(checkpoints, name):
     state_dict = torch.load(checkpoints["late"], weights_only=True)
@@ -327,6 +329,7 @@ def test_cli_exits_1_with_a_negative_control(capsys):
 
 
 # The report CLI.
+@pytest.mark.slow
 def test_cli_prints_the_eval_logits_first_and_exports(checkpoints, tmp_path):
     out = tmp_path / "exported.pth"
     result = subprocess.run(

@@ -62,12 +62,14 @@ def summaries(run_dir):
     return out
 
 
+@pytest.mark.slow
 def test_eight_epochs_on_digits_reach_90_percent_test_accuracy(full_run):
     assert full_run.epochs_done == EPOCHS
     assert full_run.final_test_acc >= 90.0
     assert full_run.history.test_loss[-1] < full_run.history.test_loss[0]
 
 
+@pytest.mark.slow
 def test_event_files_hold_every_tag_at_the_tutorial_steps(full_run):
     tags = summaries(full_run.run_dir)
     history = full_run.history
@@ -122,6 +124,7 @@ def test_every_epoch_logs_batch_scalars_and_histograms_when_it_is_shorter_than_t
     assert tags["grads/fc1.weight"][44].histo.num == 512 * 2048
 
 
+@pytest.mark.slow
 def test_plots_are_valid_png_images(full_run):
     sizes = {"iteration_loss.png": (1000, 400), "epoch_metrics.png": (1200, 400),
              "attention_maps.png": (800, 1600)}
@@ -131,6 +134,7 @@ def test_plots_are_valid_png_images(full_run):
             image.verify()
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_latest_and_best_epoch(full_run):
     history = full_run.history
     checkpoints = Checkpoints(full_run.run_dir / "checkpoints")
@@ -164,6 +168,7 @@ def short_runs(digits, tmp_path_factory):
     return whole, first, resumed
 
 
+@pytest.mark.slow
 def test_run_json_records_the_settings_and_a_resume_its_larger_epoch_count(short_runs):
     whole, first, resumed = short_runs
     record = rundir.read_record(whole.run_dir)
@@ -182,6 +187,7 @@ def test_a_new_run_in_a_used_directory_is_refused_before_anything_is_built(digit
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics(full_run, short_runs):
     whole, first, _ = short_runs
     assert first.epochs_done == 1
@@ -191,6 +197,7 @@ def test_same_seed_gives_identical_metrics(full_run, short_runs):
         assert getattr(whole.history, field) == getattr(full_run.history, field)[:2], field
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted_run_bitwise(short_runs):
     whole, _, resumed = short_runs
     assert resumed.epochs_done == whole.epochs_done == 2
@@ -203,6 +210,7 @@ def test_kill_and_resume_equals_uninterrupted_run_bitwise(short_runs):
         assert getattr(resumed.history, field) == getattr(whole.history, field), field
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(digits, short_runs):
     with pytest.raises(ResumeMismatchError, match=r"--seed 7 \(recorded: 0\)"):
         fit(dataclasses.replace(SHORT, seed=7), digits, short_runs[2].run_dir, resume=True,
@@ -318,6 +326,7 @@ def test_the_epoch_loop_reads_whenever_its_observer_asks(digits):
     assert observer.reads == list(range(1, DIGITS_BATCHES + 1))
 
 
+@pytest.mark.slow
 def test_evaluation_covers_every_test_image_exactly_once(digits, full_run):
     """360 test images = 11 batches of 32 + one of 8 padded to 32: the padding is masked out."""
     model, _ = build("float32")
