@@ -4,6 +4,7 @@ Cost: one small compile per JAX contender, Dynamo traces of the torch.compile ro
 backend) and a few DataLoader passes: about 1.5 min on 2 CPU cores (the report fixture 49 s,
 the train-call variants 31 s). A 1-epoch `full_recipe` (train.fit) would add about 3.5 min of
 CPU, so the recipe is left to `--full-recipe` runs (and to tests/test_gpu_check.py's tiny run).
+The report, the engine variants and --processes are in the slow tier (make test-all).
 """
 import importlib.util
 import json

@@ -4,7 +4,7 @@ and output format without a GPU; the pieces that decide what a GPU run does are 
 Cost: one `gpu_check.sh --tiny` run (7 child processes; JAX compiles of 3 train-call variants,
 the augmentation and a 2-epoch train.fit; a parity report) and one prerequisite check; the rest
 takes seconds. On 2 CPU cores: about 2 min (the tiny run 106 s), and up to 6 min when other
-jobs share the cores.
+jobs share the cores. The runs of gpu_check.sh are in the slow tier (make test-all).
 """
 import importlib.util
 import json

@@ -5,6 +5,8 @@ The run is `scripts/train.py --dataset digits --epochs 1` in a subprocess, as a 
 (on a CPU host it splits each batch over one device per core), shared by every test here.
 Runtime on 2 CPU cores: 2-3.5 min, most of it the training subprocess (50-123 s), then the
 evaluate subprocess (16 s), the StableHLO export and reload (15 s) and the ONNX export (13 s).
+The tests that read the run are in the slow tier (make test-all); the image, help and
+malicious-file tests are fast.
 """
 import json
 import os

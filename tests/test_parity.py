@@ -4,7 +4,8 @@ How each row is judged is in parity/report.py (float32_bound) and parity/kinks.p
 must pass on random weights and on checkpoints the tutorial's own loop wrote, early and late in
 training, and every negative control (parity/controls.py) must make it fail on both.
 Budget: about 6.5 min on 2 CPU cores: training the
-checkpoints, compiling each control's JAX programs (both paths), and one CLI run.
+checkpoints, compiling each control's JAX programs (both paths), and one CLI run. The
+tests on the trained checkpoints are in the slow tier (make test-all).
 """
 import subprocess
 import sys

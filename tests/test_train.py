@@ -5,7 +5,8 @@ Runtime budget (2 CPU cores): about 2-3 minutes, mostly XLA compiles of the trai
 batch, final partial batch, gradient-returning variant, rolled loop) shared by all runs through
 `cbam_jax.train.build`'s cache. All runs use the full digits set (same shapes, so no recompiles):
 8 epochs, then 2 + 1 + 1 for determinism and resume, 2 to a NaN, 1 with the rolled loop,
-1 read at every batch. Slow: 2 epochs at the recipe's cadences (about 1 min).
+1 read at every batch. Slow (make test-all): the 8-epoch and the 2 + 1 + 1-epoch runs, and
+2 epochs at the recipe's cadences (about 1 min).
 """
 import dataclasses
 import re
