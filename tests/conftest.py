@@ -11,9 +11,6 @@ import os
 import shutil
 import sys
 import tempfile
-from pathlib import Path
-
-import pytest
 
 COMPILATION_CACHE = {
     "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="cbam_jax_test_cache_"),
@@ -31,9 +28,3 @@ if "jax" in sys.modules:  # a plugin imported JAX first: it read the variables w
 
 def pytest_unconfigure(config):
     shutil.rmtree(COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def compile_cache() -> Path:
-    """The cache directory, for a command that is given it as `--compile-cache DIR`."""
-    return Path(COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"])

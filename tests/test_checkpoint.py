@@ -313,8 +313,9 @@ def run(script: str, *args, cache: Path, env=None, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def cache(compile_cache):
-    return compile_cache
+def cache():
+    """The pytest run's compilation cache (tests/conftest.py): compiled once for every run."""
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 @contextlib.contextmanager

@@ -47,13 +47,14 @@ def load_script(name):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, compile_cache):
+def run_dir(tmp_path_factory):
     """One epoch on digits through scripts/train.py: run.json, checkpoints, the .pth."""
     jax.devices()  # this process keeps its device count: the scripts below cannot change it
     run_dir = tmp_path_factory.mktemp("inference") / "run"
     result = run_script("train.py", "--dataset", "digits", "--epochs", 1, "--batch-size",
                         BATCH_SIZE, "--log-every", 1000, "--hist-every", 1000,
-                        "--compile-cache", compile_cache, "--run-dir", run_dir)
+                        "--compile-cache", os.environ["JAX_COMPILATION_CACHE_DIR"],
+                        "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
