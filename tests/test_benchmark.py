@@ -119,6 +119,7 @@ def test_engine_call_variants_train_the_same_steps():
         benchmark.jax_engine_calls(8, 3, 2, mesh=mesh)
 
 
+@pytest.mark.slow
 def test_ablation_traces_the_plain_functions_under_the_custom_gradients():
     state = benchmark._jax_state()
     plain = benchmark.without_custom_gradients(state.apply_fn)

@@ -141,6 +141,7 @@ KERNEL_GRADIENT_DOTS = """
 """
 
 
+@pytest.mark.slow
 def test_fc1s_kernel_gradient_is_computed_in_the_kernels_layout_on_two_devices():
     """Autodiff computes fc1's kernel gradient as [512, 2048] and transposes it after the
     all-reduce, inside Adam's update (18% of the step, docs/benchmarks.md);
@@ -176,6 +177,7 @@ EVAL_COLLECTIVES = """
 """
 
 
+@pytest.mark.slow
 def test_evaluation_calls_do_not_synchronise_the_devices():
     """`eval_batches` keeps each image's loss on its device, so a call has no collective, where
     a per-batch mean (`eval_step`, the control) ends each call with an all-reduce."""

@@ -183,6 +183,7 @@ def test_the_layer_rows_judge_the_reference_path(state_dict):
 
 
 # (b) train-mode forward with dropout on, the JAX model's own mask injected into PyTorch's.
+@pytest.mark.slow
 def test_train_forward_with_the_same_dropout_mask_matches(state_dict):
     x, _ = random_batch(SEED, BATCH)
     captured = {}
@@ -308,6 +309,7 @@ def _control_report(state_dict, name) -> Report:
                       negative_control=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NEGATIVE_CONTROLS))
 def test_negative_control_fails_on_random_weights(state_dict, name):
     rows = {r.name: r for r in _control_report(state_dict, name).rows}
@@ -422,6 +424,7 @@ def _rel(a, b):
 PATHS_TOLERANCE = 3e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["flax-running-variance", "max-pool-gradient-to-every-maximum"])
 def test_a_control_puts_its_bug_in_the_fused_block_and_the_reference_alike(name):
     normal = _block_vjp(fused)

@@ -254,6 +254,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     checkpoints.close()
 
 
+@pytest.mark.slow
 def test_rolled_loop_over_steps_matches_one_call_per_step(digits):
     """steps_per_call > 1 (the GPU/TPU default) trains the same model: same batches, same keys.
 
@@ -312,6 +313,7 @@ class _AlwaysDue(train.EpochObserver):
         self.reads.append(done)
 
 
+@pytest.mark.slow
 def test_the_epoch_loop_reads_whenever_its_observer_asks(digits):
     """Between log_every reads too: how the progress line keeps a log from staying silent
     (logbook.EpochReporter asks every 30 s off a terminal)."""
@@ -350,6 +352,7 @@ def test_evaluation_covers_every_test_image_exactly_once(digits, full_run):
     assert acc == pytest.approx(expected_acc, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_training_compiles_the_train_step_once_per_call_shape(tmp_path):
     """Two epochs through `fit`: each distinct CallShape of the epoch plan compiles once (a
     state placed on one device, or anything else that changes between calls, would make the
@@ -411,6 +414,7 @@ def test_epoch_plan_with_steps_per_call_runs_histogram_batches_alone():
     assert len(plan) == 10 + 1 + 6 + 1  # 0-498 (9x50 + 49), 499 alone, 500-780, then the 16
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters_and_statistics(digits):
     model, tx = build("bfloat16")
     state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
