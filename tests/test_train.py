@@ -179,6 +179,7 @@ def test_run_json_records_the_settings_and_a_resume_its_larger_epoch_count(short
     assert rundir.read_record(resumed.run_dir) == record  # recorded 1 epoch, resumed to 2
 
 
+@pytest.mark.slow  # it reads short_runs' directory: 4 epochs of training
 def test_a_new_run_in_a_used_directory_is_refused_before_anything_is_built(digits,
                                                                            short_runs):
     run_dir = short_runs[0].run_dir
