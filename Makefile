@@ -1,4 +1,4 @@
-# `make train` and `make test` each create the virtual environment they need.
+# `make train`, `make test` and `make test-all` each create the virtual environment they need.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install train test clean
+.PHONY: install train test test-all clean
 
 install: $(VENV)/.installed
 
@@ -22,8 +22,13 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	$(PY) scripts/train.py $(ARGS)
 
+# The fast tier: every module, without the tests marked slow (whole trainings, killed and
+# multi-process runs, wheels, the benchmark and GPU-check harnesses). test-all runs them too.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow" --durations=25
+
+test-all: install
+	$(PY) -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

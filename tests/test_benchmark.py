@@ -4,6 +4,7 @@ Cost: one small compile per JAX contender, Dynamo traces of the torch.compile ro
 backend) and a few DataLoader passes: about 1.5 min on 2 CPU cores (the report fixture 49 s,
 the train-call variants 31 s). A 1-epoch `full_recipe` (train.fit) would add about 3.5 min of
 CPU, so the recipe is left to `--full-recipe` runs (and to tests/test_gpu_check.py's tiny run).
+The report, the engine variants and --processes are in the slow tier (make test-all).
 """
 import importlib.util
 import json
@@ -58,6 +59,7 @@ def _check_result(result, names, baseline, reps):
         assert compiled[0]["ratio_vs_compiled"]["median"] == 1.0
 
 
+@pytest.mark.slow
 def test_every_section_reports_each_contender_per_repetition(report):
     sections = report["sections"]
     assert list(sections) == list(benchmark.SECTIONS)
@@ -80,6 +82,7 @@ def test_every_section_reports_each_contender_per_repetition(report):
     assert all(row["unit"] == "us/step" for row in nnx_rows["rows"])
 
 
+@pytest.mark.slow
 def test_report_names_device_versions_threads_and_load_and_serialises(report):
     env = report["environment"]
     assert env["jax_backend"] == "cpu" and env["cpu_count"] >= 1
@@ -98,6 +101,7 @@ def test_report_names_device_versions_threads_and_load_and_serialises(report):
     assert "| torch.compile loop (workers=2) |" in markdown
 
 
+@pytest.mark.slow
 def test_engine_call_variants_train_the_same_steps():
     """A fori_loop of 2 steps per call, one step per call (the CPU engine's call, the step
     section's engine row), a lax.scan of 2 steps per call, and the ablation without the custom
@@ -115,6 +119,7 @@ def test_engine_call_variants_train_the_same_steps():
         benchmark.jax_engine_calls(8, 3, 2, mesh=mesh)
 
 
+@pytest.mark.slow
 def test_ablation_traces_the_plain_functions_under_the_custom_gradients():
     state = benchmark._jax_state()
     plain = benchmark.without_custom_gradients(state.apply_fn)
@@ -145,6 +150,7 @@ def test_plan_defaults_to_a_cpu_slice_of_the_epoch_and_flags_override_it():
     assert quick.reps == 7 and not quick.torch_compile
 
 
+@pytest.mark.slow
 def test_processes_summary_gives_each_contenders_ratio_in_every_process(report):
     """`gather_processes` on two reports: the second's jax step twice as fast, its baseline
     unchanged, so its ratios double; each table lists the per-process ratios and the median."""
@@ -169,6 +175,7 @@ def test_processes_summary_gives_each_contenders_ratio_in_every_process(report):
             in markdown)
 
 
+@pytest.mark.slow
 def test_processes_flag_runs_each_measurement_in_a_fresh_process(tmp_path):
     summary = benchmark.main(["--sections", "nnx", "--quick", "--reps", "1", "--processes", "2",
                               "--out", str(tmp_path)])

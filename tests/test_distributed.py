@@ -4,7 +4,8 @@ its single device.
 
 Runtime on 2 CPU cores: about 3 minutes, almost all of it XLA compiles: the
 8-vs-1-device epoch 50-75 s (two step shapes on each mesh), the bf16 run about 65 s, the two
-processes 40-60 s (one train, eval and attention compile each, in parallel)."""
+processes 40-60 s (one train, eval and attention compile each, in parallel). Those three are
+in the slow tier (make test-all)."""
 import json
 import os
 import socket
@@ -73,11 +74,13 @@ def one_and_eight():
     return last_json(run_python(EQUIVALENCE, xla_flags=EIGHT_DEVICES))
 
 
+@pytest.mark.slow
 def test_the_state_stays_replicated_on_every_device_of_the_mesh(one_and_eight):
     assert one_and_eight["1"]["mesh"] == 1 and one_and_eight["8"]["mesh"] == 8
     assert one_and_eight["8"]["replicated"] and one_and_eight["1"]["replicated"]
 
 
+@pytest.mark.slow
 def test_first_step_on_eight_devices_equals_one_device(one_and_eight):
     """The first batch's loss is computed from identical weights, so only the order of float32
     reductions differs. With BatchNorm statistics per device (8 images instead of 64) it would
@@ -86,6 +89,7 @@ def test_first_step_on_eight_devices_equals_one_device(one_and_eight):
     assert eight == pytest.approx(one, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_one_epoch_on_eight_devices_equals_one_device(one_and_eight):
     """After the 23 steps of a digits epoch the weights differ by float32 reduction order as
     amplified by Adam: early in training it normalises each tiny gradient to a step of about
@@ -98,6 +102,7 @@ def test_one_epoch_on_eight_devices_equals_one_device(one_and_eight):
                                rtol=2e-2)
 
 
+@pytest.mark.slow
 def test_evaluation_on_eight_devices_equals_one_device(one_and_eight):
     """The same initial weights evaluated over 8 devices (per-image records, 6 batches of 64,
     the last one padded) and over 1: the loss agrees to float32 rounding, the accuracy
@@ -136,6 +141,7 @@ KERNEL_GRADIENT_DOTS = """
 """
 
 
+@pytest.mark.slow
 def test_fc1s_kernel_gradient_is_computed_in_the_kernels_layout_on_two_devices():
     """Autodiff computes fc1's kernel gradient as [512, 2048] and transposes it after the
     all-reduce, inside Adam's update (18% of the step, docs/benchmarks.md);
@@ -171,6 +177,7 @@ EVAL_COLLECTIVES = """
 """
 
 
+@pytest.mark.slow
 def test_evaluation_calls_do_not_synchronise_the_devices():
     """`eval_batches` keeps each image's loss on its device, so a call has no collective, where
     a per-batch mean (`eval_step`, the control) ends each call with an all-reduce."""
@@ -253,6 +260,7 @@ def bf16_run():
     return last_json(run_python(BF16, xla_flags=EIGHT_DEVICES))
 
 
+@pytest.mark.slow
 def test_bfloat16_training_on_digits_reaches_90_percent(bf16_run):
     """Measured on 8 devices, CBAMCNN on its default (fused) path: 49, 70, 88, 90.6, 90.8,
     89.4, 93.6 and 91.1% after epochs 1 to 8 (360 test images: one image is 0.28 points). The
@@ -261,6 +269,7 @@ def test_bfloat16_training_on_digits_reaches_90_percent(bf16_run):
     assert bf16_run["accuracy"][-1] >= 90.0, bf16_run["accuracy"]
 
 
+@pytest.mark.slow
 def test_bfloat16_keeps_params_optimizer_loss_and_batchnorm_stats_in_float32(bf16_run):
     assert bf16_run["param_dtypes"] == ["float32"]
     assert bf16_run["opt_dtypes"] == ["float32"]
@@ -327,6 +336,7 @@ def two_processes(tmp_path_factory):
     return root, [out for out, _ in outputs]
 
 
+@pytest.mark.slow
 def test_two_processes_train_over_both_and_agree_on_the_final_parameters(two_processes):
     root, outputs = two_processes
     for out in outputs:
@@ -337,6 +347,7 @@ def test_two_processes_train_over_both_and_agree_on_the_final_parameters(two_pro
         np.testing.assert_array_equal(first[name], second[name])
 
 
+@pytest.mark.slow
 def test_only_process_0_writes_logs_and_plots(two_processes):
     root, outputs = two_processes
     assert list((root / "run0").glob("events.out.tfevents.*"))

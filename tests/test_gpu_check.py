@@ -4,7 +4,7 @@ and output format without a GPU; the pieces that decide what a GPU run does are 
 Cost: one `gpu_check.sh --tiny` run (7 child processes; JAX compiles of 3 train-call variants,
 the augmentation and a 2-epoch train.fit; a parity report) and one prerequisite check; the rest
 takes seconds. On 2 CPU cores: about 2 min (the tiny run 106 s), and up to 6 min when other
-jobs share the cores.
+jobs share the cores. The runs of gpu_check.sh are in the slow tier (make test-all).
 """
 import importlib.util
 import json
@@ -37,6 +37,7 @@ def tiny(tmp_path_factory):
     return done, out, json.loads((out / "gpu_check.json").read_text())
 
 
+@pytest.mark.slow
 def test_tiny_run_passes_every_step(tiny):
     done, _, report = tiny
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -46,6 +47,7 @@ def test_tiny_run_passes_every_step(tiny):
         name: "ok" for name in gpu_check.STEP_NAMES}
 
 
+@pytest.mark.slow
 def test_outputs_are_the_three_named_files_small_and_plainly_named(tiny):
     """Exactly gpu_check.json, .md and .log, each under 16 MiB, named with letters, digits, '.',
     '_' and '-' only: easy to copy off a remote machine."""
@@ -56,6 +58,7 @@ def test_outputs_are_the_three_named_files_small_and_plainly_named(tiny):
     assert all((out / name).stat().st_size < 16 * 2**20 for name in files)
 
 
+@pytest.mark.slow
 def test_report_holds_every_step_s_measurements(tiny):
     steps = tiny[2]["steps"]
     parity = steps["smoke"]["parity"]
@@ -86,6 +89,7 @@ def test_report_holds_every_step_s_measurements(tiny):
         50 * steps["tutorial"]["epoch_seconds"]["0"] / recipe["wall_seconds"])
 
 
+@pytest.mark.slow
 def test_markdown_shows_targets_steps_and_every_table_and_is_printed_last(tiny):
     done, out, _ = tiny
     markdown = (out / "gpu_check.md").read_text()
@@ -102,6 +106,7 @@ def test_markdown_shows_targets_steps_and_every_table_and_is_printed_last(tiny):
     assert "===== recipe" in (out / "gpu_check.log").read_text()
 
 
+@pytest.mark.slow
 def test_without_a_gpu_the_full_run_stops_at_once_saying_what_is_missing(tmp_path):
     start = time.monotonic()
     done = _gpu_check("--out", str(tmp_path), timeout=600)

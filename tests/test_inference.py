@@ -5,6 +5,8 @@ The run is `scripts/train.py --dataset digits --epochs 1` in a subprocess, as a 
 (on a CPU host it splits each batch over one device per core), shared by every test here.
 Runtime on 2 CPU cores: 2-3.5 min, most of it the training subprocess (50-123 s), then the
 evaluate subprocess (16 s), the StableHLO export and reload (15 s) and the ONNX export (13 s).
+The tests that read the run are in the slow tier (make test-all); the image, help and
+malicious-file tests are fast.
 """
 import json
 import os
@@ -53,7 +55,8 @@ def run_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("inference") / "run"
     result = run_script("train.py", "--dataset", "digits", "--epochs", 1, "--batch-size",
                         BATCH_SIZE, "--log-every", 1000, "--hist-every", 1000,
-                        "--no-compile-cache", "--run-dir", run_dir)
+                        "--compile-cache", os.environ["JAX_COMPILATION_CACHE_DIR"],
+                        "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -77,6 +80,7 @@ def trained(run_dir):
 
 # --- evaluate --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_runs_test_loss_and_accuracy_exactly(run_dir, logged,
                                                                      tmp_path):
     result = run_script("evaluate.py", run_dir, "--out-dir", tmp_path)
@@ -98,6 +102,7 @@ def test_evaluate_reproduces_the_runs_test_loss_and_accuracy_exactly(run_dir, lo
     assert Image.open(tmp_path / "confusion_matrix.png").format == "PNG"
 
 
+@pytest.mark.slow
 def test_evaluate_reads_the_runs_pth_with_the_run_json_beside_it(run_dir, logged, tmp_path,
                                                                    capsys):
     """In this process (one CPU device against the run's per-core split): the same accuracy,
@@ -114,6 +119,7 @@ def test_evaluate_reads_the_runs_pth_with_the_run_json_beside_it(run_dir, logged
 
 # --- the library -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_way_to_name_a_checkpoint_finds_the_same_step(run_dir):
     step = run_dir / "checkpoints" / "best" / "1"
     for path in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / "best", step):
@@ -121,6 +127,7 @@ def test_every_way_to_name_a_checkpoint_finds_the_same_step(run_dir):
     assert step_directory(run_dir, "latest") == run_dir / "checkpoints" / "latest" / "1"
 
 
+@pytest.mark.slow
 def test_what_is_not_a_checkpoint_gets_a_clear_error(run_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory; expected a run directory"):
         inference.load_checkpoint(tmp_path / "missing")
@@ -132,6 +139,7 @@ def test_what_is_not_a_checkpoint_gets_a_clear_error(run_dir, tmp_path):
         inference.load_checkpoint(run_dir, which="last")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_and_the_runs_pth_hold_the_same_model(run_dir, trained):
     from_pth = load_any_checkpoint(run_dir / "digits_cbam_cnn_model.pth")
     assert (trained.dataset, trained.epoch, trained.config.batch_size) == ("digits", 1, 32)
@@ -142,6 +150,7 @@ def test_a_checkpoint_and_the_runs_pth_hold_the_same_model(run_dir, trained):
     assert all(np.array_equal(a, b) for a, b in zip(leaves, pth_leaves, strict=True))
 
 
+@pytest.mark.slow
 def test_predict_gives_the_top_classes_and_every_cbam_gate(trained, digits):
     images = digits.test_images[:70]  # three batches of 32, the last one padded
     result = inference.predict(trained.state, images, top_k=3, batch_size=BATCH_SIZE,
@@ -185,6 +194,7 @@ def image_folder(digits, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_predict_writes_a_figure_per_image_and_reports_bad_inputs(run_dir, trained, digits,
                                                                    image_folder, tmp_path,
                                                                    capsys):
@@ -216,6 +226,7 @@ def test_predict_writes_a_figure_per_image_and_reports_bad_inputs(run_dir, train
     assert str(image_folder / "digit3.jpg") in lines
 
 
+@pytest.mark.slow
 def test_predict_exits_0_when_every_image_is_read(run_dir, image_folder, tmp_path, capsys):
     code = load_script("predict.py").main([str(run_dir), str(image_folder / "digit3.jpg"),
                                            "--no-figures", "--out-dir", str(tmp_path / "no")])
@@ -398,6 +409,7 @@ print(exported.in_avals[0], "->", exported.out_avals[0])
 """
 
 
+@pytest.mark.slow
 def test_stablehlo_runs_without_the_project_and_agrees_with_jax(run_dir, trained, digits,
                                                                  tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -422,6 +434,7 @@ def test_stablehlo_runs_without_the_project_and_agrees_with_jax(run_dir, trained
                                    + script.STABLEHLO_RTOL * np.abs(expected).max())
 
 
+@pytest.mark.slow
 def test_onnx_export_meets_standard_ops_and_agrees_with_jax(run_dir, trained, digits,
                                                             tmp_path, capsys):
     artifact = tmp_path / "model.onnx"

@@ -48,6 +48,9 @@ from PIL import Image
 from cbam_jax.checkpoint import MANIFEST, verify
 from cbam_jax.logbook import event_files, read_events
 
+# Every test here kills or runs whole trainings: the module is in the slow tier.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
 EPOCHS, BATCHES = 2, 23  # digits: 1437 train images = 22 batches of 64 + one of 29

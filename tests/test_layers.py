@@ -230,6 +230,7 @@ class UserModel(nn.Module):
         return nn.Dense(3)(x.mean(axis=(1, 2)))
 
 
+@pytest.mark.slow
 def test_cbam_inside_a_user_model_trains_with_decreasing_loss():
     x = jax.random.normal(jax.random.key(9), (24, 8, 8, 3))
     labels = jnp.arange(24) % 3
@@ -279,6 +280,7 @@ def test_training_runs_the_one_op_cbam_only_for_the_tutorials_arithmetic_in_floa
         assert ("cbam_tutorial" in jaxpr) == (one_op and train), (case, train)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", [CBAM(), SpatialAttention()], ids=["cbam", "spatial"])
 def test_the_fused_path_trains_like_the_reference(module):
     """Training with `fused=True` (ops.fused: the one-op CBAM, the Toeplitz spatial conv) and

@@ -71,6 +71,7 @@ def test_logits_shape_and_dtype(variables, batch):
     assert logits.shape == (batch, 10) and logits.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_eval_mode_is_deterministic_and_train_mode_uses_dropout(variables):
     model = CBAMCNN()
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
@@ -91,6 +92,7 @@ def test_dropout_rate_zero_makes_training_forward_deterministic(variables):
     np.testing.assert_array_equal(run(0), run(1))
 
 
+@pytest.mark.slow
 def test_spatial_attention_maps_of_every_block_are_available(variables):
     _, state = CBAMCNN().apply(variables, jnp.ones((2, 32, 32, 3)), mutable=["intermediates"])
     sizes = {name: state["intermediates"][name]["spatial_attn"]["spatial_attention"][0].shape
@@ -130,6 +132,7 @@ def test_every_parameter_gets_a_gradient_but_the_conv_biases_get_exactly_zero(va
             assert np.abs(np.asarray(g)).max() > 0, name
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits(variables):
     x = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
     logits = CBAMCNN(dtype=jnp.bfloat16).apply(variables, x)
@@ -381,6 +384,7 @@ def test_no_module_reads_a_private_flax_attribute():
 
 # --- odd inputs ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_an_empty_batch_in_evaluation_gives_empty_logits(variables):
     for fused in (True, False):
         logits = CBAMCNN(fused=fused).apply(variables, jnp.zeros((0, 32, 32, 3)))

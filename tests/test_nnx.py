@@ -146,8 +146,9 @@ def test_outputs_statistics_and_gates_equal_linens_on_the_same_weights(name, mod
     _assert_trees_equal(nnx.to_pure_dict(intermediates), state.get("intermediates", {}))
 
 
-@pytest.mark.parametrize("name", ["channel", "spatial", "batchnorm", "tutorial",
-                                  "tutorial-reference", "official", "timm"])
+@pytest.mark.parametrize("name", ["channel", "spatial", "batchnorm", *[
+    pytest.param(name, marks=pytest.mark.slow)  # the whole model's, and the presets' gradients
+    for name in ("tutorial", "tutorial-reference", "official", "timm")]])
 def test_gradients_equal_linens(name):
     """d sum(y * cotangent) / d(every parameter and the input), in training mode."""
     model = _perturbed(LAYERS[name][0]())
@@ -221,6 +222,7 @@ def _fresh(cnn):
     return nnx.clone(cnn[2])
 
 
+@pytest.mark.slow
 def test_capture_returns_each_blocks_gate_when_asked_and_a_plain_call_keeps_none(cnn):
     model = _fresh(cnn)
     model.eval()
@@ -294,6 +296,7 @@ def test_cbamcnn_eval_logits_equal_linens_and_pytorchs(cnn):
     assert judge("eval logits", logits, expected, truth).passed
 
 
+@pytest.mark.slow
 def test_cbamcnn_reference_path_equals_linens(cnn):
     """`fused=False`, NNX against Linen on the same weights: train-mode logits and running
     statistics, then eval-mode logits, bit for bit."""
@@ -439,6 +442,7 @@ def _timm_cbam_torch(x, weights, running_mean, running_var, train):
     return x * torch.sigmoid(logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_timm_preset_matches_timms_cbam_formulas_in_pytorch(mode):
     channels = 40  # timm's width round(40 / 16) = 3, where C // 16 would be 2
@@ -494,6 +498,7 @@ RESNETS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RESNETS)
 def test_resnet_train_and_eval_equal_linens(name):
     model, linen = RESNETS[name]()
@@ -539,6 +544,7 @@ def test_from_linen_fills_an_abstract_cbam_but_refuses_an_abstract_cbamcnn(cnn):
 
 # --- training on digits ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_nnx_training_loop_learns_digits():
     """CBAMCNN, nnx.Optimizer(wrt=nnx.Param) with Adam 1e-3, nnx.jit, 40 steps of batch 32 (under
     one epoch of the 1,437 digits train images). Measured (seeds as here, CPU): test accuracy

@@ -162,6 +162,7 @@ def _conv_block_inputs(case, shape):
 
 
 # (4, 6, 8): the fused op; (2, 5, 7): odd sizes, BatchNorm and max-pool as separate ops.
+@pytest.mark.slow
 @pytest.mark.parametrize("case, shape", [("random", (4, 6, 8)), ("ties_and_signs", (4, 6, 8)),
                                          ("random", (2, 5, 7))])
 def test_conv_block_trains_like_the_reference(case, shape):
@@ -243,6 +244,7 @@ def test_the_pooled_conv_of_a_few_channels_is_one_matmul_on_cpu(channels, convol
     assert hlo.count("convolution(") == (convolutions if on_cpu else 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k, shape", [(3, (2, 2, 3, 1)), (5, (2, 9, 8, 2)), (1, (1, 4, 6, 3))])
 def test_pooled_conv_windows_equals_the_pooled_conv_for_any_odd_kernel(k, shape):
     rng = np.random.default_rng(5)
@@ -304,7 +306,7 @@ def _reference_cbam(x, w1, w2, kernel):
 CBAM_TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("shape, hidden, k", [((3, 8, 8, 32), 2, 7),  # the tutorial's CBAM
                                               ((2, 5, 7, 12), 3, 3)])  # odd sizes, other k
 @pytest.mark.parametrize("ties", [False, True])

@@ -4,7 +4,8 @@ How each row is judged is in parity/report.py (float32_bound) and parity/kinks.p
 must pass on random weights and on checkpoints the tutorial's own loop wrote, early and late in
 training, and every negative control (parity/controls.py) must make it fail on both.
 Budget: about 6.5 min on 2 CPU cores: training the
-checkpoints, compiling each control's JAX programs (both paths), and one CLI run.
+checkpoints, compiling each control's JAX programs (both paths), and one CLI run. The
+tests on the trained checkpoints are in the slow tier (make test-all).
 """
 import subprocess
 import sys
@@ -182,6 +183,7 @@ def test_the_layer_rows_judge_the_reference_path(state_dict):
 
 
 # (b) train-mode forward with dropout on, the JAX model's own mask injected into PyTorch's.
+@pytest.mark.slow
 def test_train_forward_with_the_same_dropout_mask_matches(state_dict):
     x, _ = random_batch(SEED, BATCH)
     captured = {}
@@ -284,6 +286,7 @@ def test_adam_update_from_identical_gradients_is_within_float32_rounding():
 
 
 # (d) trained checkpoints: what a user of the tutorial brings.
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["early", "late"])
 def test_report_on_a_tutorial_checkpoint_exits_0(checkpoints, when, capsys):
     assert main(["--pth", str(checkpoints[when])]) == 0, capsys.readouterr().out
@@ -306,12 +309,14 @@ def _control_report(state_dict, name) -> Report:
                       negative_control=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NEGATIVE_CONTROLS))
 def test_negative_control_fails_on_random_weights(state_dict, name):
     rows = {r.name: r for r in _control_report(state_dict, name).rows}
     assert rows[CAUGHT_BY[name]].jax_error > 10 * rows[CAUGHT_BY[name]].bound
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NEGATIVE_CONTROLS))
 def test_negative_control_fails_on_a_late_tutorial_checkpoint(checkpoints, name):
     state_dict = torch.load(checkpoints["late"], weights_only=True)
@@ -327,6 +332,7 @@ def test_cli_exits_1_with_a_negative_control(capsys):
 
 
 # The report CLI.
+@pytest.mark.slow
 def test_cli_prints_the_eval_logits_first_and_exports(checkpoints, tmp_path):
     out = tmp_path / "exported.pth"
     result = subprocess.run(
@@ -418,6 +424,7 @@ def _rel(a, b):
 PATHS_TOLERANCE = 3e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["flax-running-variance", "max-pool-gradient-to-every-maximum"])
 def test_a_control_puts_its_bug_in_the_fused_block_and_the_reference_alike(name):
     normal = _block_vjp(fused)

@@ -26,18 +26,20 @@ def test_readme_opens_with_a_results_table_before_any_command():
     assert README.index("\n## Results") < README.index("```")
 
 
-def test_readme_first_commands_are_the_two_setup_commands():
+def test_readme_first_commands_are_the_setup_commands():
     first_block = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1)
     commands = [line.split("#")[0].strip() for line in first_block.splitlines()]
-    assert commands == ["make train", "make test"]
+    assert commands == ["make train", "make test", "make test-all"]
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^train: install$", makefile, flags=re.M)
     assert re.search(r"^test: install$", makefile, flags=re.M)
+    assert re.search(r"^test-all: install$", makefile, flags=re.M)
+    assert re.search(r"^\t.* -m pytest .*-m \"not slow\"", makefile, flags=re.M)
 
 
 def test_ci_runs_the_readme_commands():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "make install" in ci and "make test" in ci
+    assert "make install" in ci and re.search(r"^make test-all$", ci, flags=re.M)
 
 
 def test_readme_has_python_examples():

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 # On a thread of its own, as XLA:CPU allocates an execution's temporaries (malloc), allocates,
 # writes and frees a 40 MB block 20 times after 2 warm-up rounds, and prints the page faults of
 # those 20 (ru_minflt), after `keep_freed_memory()` or not.
@@ -87,6 +89,7 @@ for arg in sys.argv[1:]:
 """
 
 
+@pytest.mark.slow
 def test_the_train_calls_temporaries_fit_a_thread_heap():
     """Past runtime.THREAD_HEAP_BYTES a call's temporaries are mapped and faulted in afresh on
     every call (see keep_freed_memory). With configure_cpu's MEMORY_SCHEDULER, the engine's

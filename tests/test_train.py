@@ -5,7 +5,8 @@ Runtime budget (2 CPU cores): about 2-3 minutes, mostly XLA compiles of the trai
 batch, final partial batch, gradient-returning variant, rolled loop) shared by all runs through
 `cbam_jax.train.build`'s cache. All runs use the full digits set (same shapes, so no recompiles):
 8 epochs, then 2 + 1 + 1 for determinism and resume, 2 to a NaN, 1 with the rolled loop,
-1 read at every batch. Slow: 2 epochs at the recipe's cadences (about 1 min).
+1 read at every batch. Slow (make test-all): the 8-epoch and the 2 + 1 + 1-epoch runs, and
+2 epochs at the recipe's cadences (about 1 min).
 """
 import dataclasses
 import re
@@ -62,12 +63,14 @@ def summaries(run_dir):
     return out
 
 
+@pytest.mark.slow
 def test_eight_epochs_on_digits_reach_90_percent_test_accuracy(full_run):
     assert full_run.epochs_done == EPOCHS
     assert full_run.final_test_acc >= 90.0
     assert full_run.history.test_loss[-1] < full_run.history.test_loss[0]
 
 
+@pytest.mark.slow
 def test_event_files_hold_every_tag_at_the_tutorial_steps(full_run):
     tags = summaries(full_run.run_dir)
     history = full_run.history
@@ -122,6 +125,7 @@ def test_every_epoch_logs_batch_scalars_and_histograms_when_it_is_shorter_than_t
     assert tags["grads/fc1.weight"][44].histo.num == 512 * 2048
 
 
+@pytest.mark.slow
 def test_plots_are_valid_png_images(full_run):
     sizes = {"iteration_loss.png": (1000, 400), "epoch_metrics.png": (1200, 400),
              "attention_maps.png": (800, 1600)}
@@ -131,6 +135,7 @@ def test_plots_are_valid_png_images(full_run):
             image.verify()
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_latest_and_best_epoch(full_run):
     history = full_run.history
     checkpoints = Checkpoints(full_run.run_dir / "checkpoints")
@@ -164,6 +169,7 @@ def short_runs(digits, tmp_path_factory):
     return whole, first, resumed
 
 
+@pytest.mark.slow
 def test_run_json_records_the_settings_and_a_resume_its_larger_epoch_count(short_runs, digits):
     whole, first, resumed = short_runs
     record = rundir.read_record(whole.run_dir)
@@ -173,6 +179,7 @@ def test_run_json_records_the_settings_and_a_resume_its_larger_epoch_count(short
     assert rundir.read_record(resumed.run_dir) == record  # recorded 1 epoch, resumed to 2
 
 
+@pytest.mark.slow  # it reads short_runs' directory: 4 epochs of training
 def test_a_new_run_in_a_used_directory_is_refused_before_anything_is_built(digits,
                                                                            short_runs):
     run_dir = short_runs[0].run_dir
@@ -182,6 +189,7 @@ def test_a_new_run_in_a_used_directory_is_refused_before_anything_is_built(digit
     assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics(full_run, short_runs):
     whole, first, _ = short_runs
     assert first.epochs_done == 1
@@ -191,6 +199,7 @@ def test_same_seed_gives_identical_metrics(full_run, short_runs):
         assert getattr(whole.history, field) == getattr(full_run.history, field)[:2], field
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted_run_bitwise(short_runs):
     whole, _, resumed = short_runs
     assert resumed.epochs_done == whole.epochs_done == 2
@@ -203,6 +212,7 @@ def test_kill_and_resume_equals_uninterrupted_run_bitwise(short_runs):
         assert getattr(resumed.history, field) == getattr(whole.history, field), field
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(digits, short_runs):
     with pytest.raises(ResumeMismatchError, match=r"--seed 7 \(recorded: 0\)"):
         fit(dataclasses.replace(SHORT, seed=7), digits, short_runs[2].run_dir, resume=True,
@@ -245,6 +255,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     checkpoints.close()
 
 
+@pytest.mark.slow
 def test_rolled_loop_over_steps_matches_one_call_per_step(digits):
     """steps_per_call > 1 (the GPU/TPU default) trains the same model: same batches, same keys.
 
@@ -303,6 +314,7 @@ class _AlwaysDue(train.EpochObserver):
         self.reads.append(done)
 
 
+@pytest.mark.slow
 def test_the_epoch_loop_reads_whenever_its_observer_asks(digits):
     """Between log_every reads too: how the progress line keeps a log from staying silent
     (logbook.EpochReporter asks every 30 s off a terminal)."""
@@ -318,6 +330,7 @@ def test_the_epoch_loop_reads_whenever_its_observer_asks(digits):
     assert observer.reads == list(range(1, DIGITS_BATCHES + 1))
 
 
+@pytest.mark.slow
 def test_evaluation_covers_every_test_image_exactly_once(digits, full_run):
     """360 test images = 11 batches of 32 + one of 8 padded to 32: the padding is masked out."""
     model, _ = build("float32")
@@ -340,6 +353,7 @@ def test_evaluation_covers_every_test_image_exactly_once(digits, full_run):
     assert acc == pytest.approx(expected_acc, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_training_compiles_the_train_step_once_per_call_shape(tmp_path):
     """Two epochs through `fit`: each distinct CallShape of the epoch plan compiles once (a
     state placed on one device, or anything else that changes between calls, would make the
@@ -401,6 +415,7 @@ def test_epoch_plan_with_steps_per_call_runs_histogram_batches_alone():
     assert len(plan) == 10 + 1 + 6 + 1  # 0-498 (9x50 + 49), 499 alone, 500-780, then the 16
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters_and_statistics(digits):
     model, tx = build("bfloat16")
     state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)

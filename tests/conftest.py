@@ -1,0 +1,30 @@
+"""One JAX compilation cache for the whole pytest run and every process it starts.
+
+A temporary directory, made when pytest loads this file (before any test module imports JAX),
+is set in the environment as JAX's persistent cache with no minimum compile time or entry size.
+JAX reads these variables when it is imported, so this process and every subprocess that
+inherits the environment (the scripts' runs, the GPU check's tiny mode) load what an earlier one
+compiled instead of compiling it again. A command given its own `--compile-cache DIR` still
+uses DIR. The directory is removed when pytest finishes.
+"""
+import os
+import shutil
+import sys
+import tempfile
+
+COMPILATION_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="cbam_jax_test_cache_"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
+os.environ.update(COMPILATION_CACHE)
+if "jax" in sys.modules:  # a plugin imported JAX first: it read the variables without these
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
