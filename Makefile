@@ -23,12 +23,18 @@ train: install
 	$(PY) scripts/train.py $(ARGS)
 
 # The fast tier: every module, without the tests marked slow (whole trainings, killed and
-# multi-process runs, wheels, the benchmark and GPU-check harnesses). test-all runs them too.
+# multi-process runs, wheels, the benchmark and GPU-check harnesses), on WORKERS pytest-xdist
+# workers that share one compilation cache (tests/conftest.py). test-all runs the fast tier so,
+# then the slow tier in one process: its tests time, kill and count processes of their own.
+WORKERS ?= 2
+FAST_TIER := $(PY) -m pytest -q -m "not slow" -n $(WORKERS) --dist loadfile --durations=25
+
 test: install
-	$(PY) -m pytest -q -m "not slow" --durations=25
+	$(FAST_TIER)
 
 test-all: install
-	$(PY) -m pytest -q --durations=25
+	$(FAST_TIER)
+	$(PY) -m pytest -q -m slow --durations=25
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -5,19 +5,25 @@ is set in the environment as JAX's persistent cache with no minimum compile time
 JAX reads these variables when it is imported, so this process and every subprocess that
 inherits the environment (the scripts' runs, the GPU check's tiny mode) load what an earlier one
 compiled instead of compiling it again. A command given its own `--compile-cache DIR` still
-uses DIR. The directory is removed when pytest finishes.
+uses DIR. With pytest-xdist (`make test` runs the fast tier on 2 workers), the workers inherit
+the directory the controlling process made and share it. The directory is removed when the
+process that made it finishes.
 """
 import os
 import shutil
 import sys
 import tempfile
 
+# Set by the process that made the directory, so that xdist's workers reuse it.
+OWN_CACHE = "CBAM_JAX_TEST_COMPILATION_CACHE"
+INHERITED = os.environ.get(OWN_CACHE) if "PYTEST_XDIST_WORKER" in os.environ else None
 COMPILATION_CACHE = {
-    "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="cbam_jax_test_cache_"),
+    "JAX_COMPILATION_CACHE_DIR": INHERITED or tempfile.mkdtemp(prefix="cbam_jax_test_cache_"),
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
 }
 os.environ.update(COMPILATION_CACHE)
+os.environ[OWN_CACHE] = COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"]
 if "jax" in sys.modules:  # a plugin imported JAX first: it read the variables without these
     import jax
 
@@ -27,4 +33,6 @@ if "jax" in sys.modules:  # a plugin imported JAX first: it read the variables w
 
 
 def pytest_unconfigure(config):
+    if INHERITED:
+        return  # the controlling process made it and removes it
     shutil.rmtree(COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -234,6 +234,7 @@ def test_predict_exits_0_when_every_image_is_read(run_dir, image_folder, tmp_pat
     assert capsys.readouterr().out.startswith(f"{image_folder / 'digit3.jpg'}: ")
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_class_or_layer_it_cannot_explain_in_one_line(run_dir, trained,
                                                                          image_folder, tmp_path,
                                                                          capsys):

@@ -311,6 +311,7 @@ def test_cbamcnn_reference_path_equals_linens(cnn):
     np.testing.assert_array_equal(model(x), linen.apply(cn.to_linen(model), x))
 
 
+@pytest.mark.slow
 def test_cbamcnn_at_16_pixels_has_linens_variables_and_numbers():
     """`image_size=16`: fc1 takes 2 * 2 * 128 inputs on both sides; train-mode logits and
     running statistics, then eval-mode logits, bit for bit on the same (moved) weights."""

@@ -34,7 +34,10 @@ def test_readme_first_commands_are_the_setup_commands():
     assert re.search(r"^train: install$", makefile, flags=re.M)
     assert re.search(r"^test: install$", makefile, flags=re.M)
     assert re.search(r"^test-all: install$", makefile, flags=re.M)
-    assert re.search(r"^\t.* -m pytest .*-m \"not slow\"", makefile, flags=re.M)
+    assert re.search(r"^FAST_TIER := .* -m pytest .*-m \"not slow\"", makefile, flags=re.M)
+    assert re.search(r"^test: install\n\t\$\(FAST_TIER\)$", makefile, flags=re.M)
+    assert re.search(r"^test-all: install\n\t\$\(FAST_TIER\)\n\t.* -m pytest .*-m slow ",
+                     makefile, flags=re.M)
 
 
 def test_ci_runs_the_readme_commands():
