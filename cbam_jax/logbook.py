@@ -122,11 +122,15 @@ class Logbook:
         self._add(summary.scalar("Train/Learning_Rate", lr), global_step)
 
     def histograms(self, global_step: int, params, grads):
-        """Every parameter after the step and its gradient of that step, by PyTorch name."""
+        """Every parameter after the step and its gradient of that step, by PyTorch name. An
+        array holding a NaN or an infinity has no histogram (its range is not finite): it is
+        left out, and the run stops at its next read of the losses if they diverged too."""
         for kind, tree in (("weights", params), ("grads", grads)):
             for name, value in named_leaves(tree).items():
-                self._add(summary.histogram(f"{kind}/{name}", np.asarray(value, np.float32),
-                                            HISTOGRAM_BINS), global_step)
+                value = np.asarray(value, np.float32)
+                if np.isfinite(value).all():
+                    self._add(summary.histogram(f"{kind}/{name}", value, HISTOGRAM_BINS),
+                              global_step)
 
     def epoch(self, result, images, maps):
         """One finished epoch (cbam_jax.train.EpochResult) and its attention maps, made durable:

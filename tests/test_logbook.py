@@ -180,3 +180,16 @@ def test_off_a_terminal_a_line_is_printed_at_each_read_the_interval_asks_for():
 def test_off_a_terminal_reads_are_due_every_30_s_by_default():
     reporter = EpochReporter(None, 0, CONFIG, [64], 1e-3, io.StringIO())
     assert reporter.read_every_s == 30.0 and not reporter.read_due()
+
+
+def test_an_array_with_a_nan_has_no_histogram_and_the_others_are_written(tmp_path):
+    """A diverging step's NaN has no histogram range: it is left out, not a numpy error that
+    would end the run before its loss check names the step."""
+    book = Logbook(tmp_path / "run")
+    params = {"fc1": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}}
+    grads = {"fc1": {"kernel": np.full((3, 2), np.nan, np.float32),
+                     "bias": np.array([np.inf, 0.0], np.float32)}}
+    book.histograms(7, params, grads)
+    book.flush()
+    steps = _steps(tmp_path / "run")
+    assert steps == {"weights/fc1.weight": [7], "weights/fc1.bias": [7]}
