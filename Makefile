@@ -22,19 +22,21 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	$(PY) scripts/train.py $(ARGS)
 
-# The fast tier: every module, without the tests marked slow (whole trainings, killed and
-# multi-process runs, wheels, the benchmark and GPU-check harnesses), on WORKERS pytest-xdist
-# workers that share one compilation cache (tests/conftest.py). test-all runs the fast tier so,
-# then the slow tier in one process: its tests time, kill and count processes of their own.
+# Both run on WORKERS pytest-xdist workers that share one compilation cache (tests/conftest.py),
+# a test file per worker at a time (--dist loadfile: a file's fixtures are built once).
+# test: the fast tier, every module without the tests marked slow (whole trainings, killed and
+# multi-process runs, wheels, the benchmark and GPU-check harnesses). test-all: every test, the
+# longest files and the others with slow tests handed out first (tests/conftest.py orders them)
+# so that the long ones start early and short ones fill the end.
 WORKERS ?= 2
-FAST_TIER := $(PY) -m pytest -q -m "not slow" -n $(WORKERS) --dist loadfile --durations=25
+XDIST := -n $(WORKERS) --dist loadfile --durations=25
+FAST_TIER := $(PY) -m pytest -q -m "not slow" $(XDIST)
 
 test: install
 	$(FAST_TIER)
 
 test-all: install
-	$(FAST_TIER)
-	$(PY) -m pytest -q -m slow --durations=25
+	$(PY) -m pytest -q $(XDIST)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -36,3 +36,21 @@ def pytest_unconfigure(config):
     if INHERITED:
         return  # the controlling process made it and removes it
     shutil.rmtree(COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# The two longest fixtures: a chain of 13 processes killed in turn, and the GPU check's steps
+# each in its own process. They go out first, one to each worker, so that neither ends the run.
+LONGEST_FIRST = ("test_kill.py", "test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first, then the other files with slow tests, then the rest: a run on
+    several xdist workers (`--dist loadfile` hands out whole files in collection order) starts
+    the long files early and ends on short ones. Within a file the order is unchanged."""
+    has_slow = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item):
+        if item.path.name in LONGEST_FIRST:
+            return LONGEST_FIRST.index(item.path.name)
+        return len(LONGEST_FIRST) + (item.path not in has_slow)
+    items.sort(key=rank)

@@ -36,8 +36,10 @@ def test_readme_first_commands_are_the_setup_commands():
     assert re.search(r"^test-all: install$", makefile, flags=re.M)
     assert re.search(r"^FAST_TIER := .* -m pytest .*-m \"not slow\"", makefile, flags=re.M)
     assert re.search(r"^test: install\n\t\$\(FAST_TIER\)$", makefile, flags=re.M)
-    assert re.search(r"^test-all: install\n\t\$\(FAST_TIER\)\n\t.* -m pytest .*-m slow ",
-                     makefile, flags=re.M)
+    # test-all: every test (no -m filter), on the same workers
+    assert re.search(r"^test-all: install\n\t\$\(PY\) -m pytest -q \$\(XDIST\)$", makefile,
+                     flags=re.M)
+    assert re.search(r"^XDIST := -n \$\(WORKERS\) --dist loadfile", makefile, flags=re.M)
 
 
 def test_ci_runs_the_readme_commands():
@@ -70,3 +72,19 @@ def test_library_imports_without_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_the_longest_files_then_those_with_slow_tests_are_handed_out_first():
+    """`make test-all`'s workers take whole files in collection order: the long files first."""
+    from types import SimpleNamespace
+
+    from conftest import pytest_collection_modifyitems
+
+    def item(path, name, slow=False):
+        return SimpleNamespace(path=pathlib.Path(path), name=name,
+                               get_closest_marker=lambda marker: marker == "slow" and slow)
+    items = [item("a.py", "a1"), item("b.py", "b1"), item("b.py", "b2", slow=True),
+             item("c.py", "c1"), item("d.py", "d1", slow=True), item("d.py", "d2"),
+             item("test_gpu_check.py", "g1", slow=True), item("test_kill.py", "k1", slow=True)]
+    pytest_collection_modifyitems(None, items)
+    assert [i.name for i in items] == ["k1", "g1", "b1", "b2", "d1", "d2", "a1", "c1"]
