@@ -37,6 +37,11 @@ def pytest_unconfigure(config):
         return  # the controlling process made it and removes it
     shutil.rmtree(COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
+# For a subprocess run whose test checks control flow (what a command reads, prints, writes,
+# refuses or compiles), not numbers: XLA skips most optimisations, so a cold compile is shorter.
+# Numeric tests keep full optimisation.
+CONTROL_FLOW_ONLY = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
 
 # The two longest fixtures: a chain of 13 processes killed in turn, and the GPU check's steps
 # each in its own process. They go out first, one to each worker, so that neither ends the run.

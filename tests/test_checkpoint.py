@@ -29,6 +29,8 @@ from cbam_jax import checkpoint
 from cbam_jax.checkpoint import (MANIFEST, Checkpoints, DamagedCheckpointError, read_meta,
                                  restore_variables, status, step_directory, verify)
 
+from conftest import CONTROL_FLOW_ONLY
+
 ROOT = Path(__file__).resolve().parents[1]
 FLIPPED = 64  # bytes flipped in each chunk, the file's size unchanged
 
@@ -279,6 +281,7 @@ def test_a_failed_write_is_one_oserror_naming_the_step_and_nothing_else_is_print
     assert names(tmp_path) == ["best/2", "latest/1", "latest/2"]
 
 
+
 def test_a_failed_events_or_figure_write_names_the_file(tmp_path):
     from matplotlib.figure import Figure
 
@@ -342,9 +345,7 @@ def test_a_run_that_runs_out_of_space_ends_in_one_error_line_keeping_its_checkpo
         failure, cache, tmp_path):
     """Epoch 1 is committed; then the disk is full (a tmpfs filled to 2 MB of room), or writes
     past 1 MiB fail (where no tmpfs can be mounted, both cases use the limit)."""
-    # What is checked is the error and the checkpoints kept, not the numbers: XLA may skip most
-    # optimisations.
-    env = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    env = CONTROL_FLOW_ONLY  # what is checked is the error and the checkpoints kept
     with small_disk(64) as disk:
         run_dir = (disk or tmp_path) / "run"
         first = run("train.py", *TRAIN, "--epochs", 1, "--run-dir", run_dir, cache=cache,

@@ -15,6 +15,8 @@ from cbam_jax.data import CorruptDataError, load_dataset
 from cbam_jax.distributed import make_mesh
 from cbam_jax.folder import UnreadableImagesError, load_folder, stratified_holdout
 
+from conftest import CONTROL_FLOW_ONLY
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "fox")
 # One image of each kind a folder holds: (file name, Pillow mode, size, format).
@@ -228,9 +230,8 @@ def test_a_data_set_too_large_for_the_device_is_refused_with_a_size_that_fits(tm
 # --- the whole way through the command lines -------------------------------------------------
 
 def run_script(name: str, *args, cwd, optimize: bool = False) -> subprocess.CompletedProcess:
-    """Where a run checks what the commands read, print, write and refuse, not their numbers,
-    XLA may skip most optimisations (each image size is a fresh compile)."""
-    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="0" if optimize else "1")
+    """Each image size is a fresh compile; unless `optimize`, the run checks control flow only."""
+    env = dict(os.environ, **({} if optimize else CONTROL_FLOW_ONLY))
     return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=900, env=env)
 

@@ -26,6 +26,8 @@ from cbam_jax import rundir
 from cbam_jax.logbook import event_files, read_events
 from cbam_jax.recipe import TrainConfig
 
+from conftest import CONTROL_FLOW_ONLY
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
@@ -297,8 +299,7 @@ def test_resume_of_a_directory_with_nothing_to_resume_leaves_it_empty(script, ca
 @pytest.mark.slow
 def test_two_default_runs_started_together_finish_in_two_directories(tmp_path):
     flags = ["--dataset", "digits", "--epochs", "1", "--devices", "1", "--no-compile-cache"]
-    # What is checked is where each run goes, not its numbers: XLA may skip most optimisations.
-    env = dict(ENV, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    env = dict(ENV, **CONTROL_FLOW_ONLY)  # what is checked is where each run goes
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), *flags], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -349,10 +350,9 @@ def test_a_run_directory_refused_by_process_0_stops_every_process(tmp_path):
 def test_a_second_run_compiles_nothing(tmp_path):
     """Every compile of the first run lands in the persistent cache (minimum compile time 0),
     so a second run that compiled anything would add an entry: it adds none. (A subprocess
-    each: JAX reads the cache settings before its first compile.) What is checked is what gets
-    compiled, not the numbers: XLA may skip most optimisations."""
+    each: JAX reads the cache settings before its first compile.)"""
     cache = tmp_path / "cache"
-    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    env = dict(os.environ, **CONTROL_FLOW_ONLY)
     flags = ["--dataset", "digits", "--epochs", "1", "--devices", "1", "--log-every", "1000",
              "--hist-every", "1000", "--compile-cache", str(cache)]
     entries = []
