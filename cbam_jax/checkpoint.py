@@ -254,10 +254,19 @@ def _storage_failure(error: Exception, path: Path) -> OSError | None:
     return None
 
 
+def _not_an_abandoned_write(record: logging.LogRecord) -> bool:
+    """A filter for asyncio's logger: False for a failed orbax write's "exception was never
+    retrieved" (tensorstore's errors carry the OS error's number), True for anything else."""
+    text = record.getMessage()
+    return not ("exception was never retrieved" in text and "os_error_code" in text)
+
+
 def _orbax(run, failure):
     """run() with orbax's reports held; an exception that `failure(e)` turns into one of this
     module's errors is raised as that, after the abandoned work is collected (its coroutines
-    end now, quietly, not at exit)."""
+    end now, quietly, not at exit). Writes still in flight when the first one failed may fail
+    later, and asyncio reports each as it is collected, on a busy machine after this returns:
+    from then on asyncio's reports of failed writes are dropped (the error says what failed)."""
     with _reports_held():
         error = None
         try:
@@ -266,6 +275,7 @@ def _orbax(run, failure):
             error = failure(e)
             if error is None or debugging():
                 raise
+        logging.getLogger("asyncio").addFilter(_not_an_abandoned_write)  # once: a no-op after
         gc.collect()
         raise error
 

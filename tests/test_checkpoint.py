@@ -282,6 +282,30 @@ def test_a_failed_write_is_one_oserror_naming_the_step_and_nothing_else_is_print
 
 
 
+def test_writes_that_fail_after_the_error_was_raised_are_not_reported_again(tmp_path,
+                                                                            caplog):
+    """On a busy machine orbax's other writes of the step may fail after the first failure was
+    raised; asyncio reports each when it is collected, later. After a storage error those
+    reports are dropped; asyncio's other reports are not."""
+    import asyncio
+
+    failed = ValueError("RESOURCE_EXHAUSTED: Error writing x: No space left on device "
+                        "[os_error_code='28']")
+    with pytest.raises(OSError):
+        checkpoint._orbax(lambda: (_ for _ in ()).throw(failed),
+                          lambda e: checkpoint._storage_failure(e, tmp_path / "best" / "2"))
+    caplog.clear()
+    loop = asyncio.new_event_loop()
+    try:
+        for exception in (ValueError(f"late: {failed}"), RuntimeError("something else")):
+            future = loop.create_future()
+            future.set_exception(exception)
+            del future  # collected unretrieved: asyncio logs it through logging.getLogger
+    finally:
+        loop.close()
+    reported = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert len(reported) == 1 and "something else" in reported[0]
+
 def test_a_failed_events_or_figure_write_names_the_file(tmp_path):
     from matplotlib.figure import Figure
 
