@@ -38,6 +38,7 @@ import re
 import shutil
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -218,8 +219,9 @@ class _Held:
 def _reports_held():
     """While orbax reads or writes: what its threads log through absl and what tensorstore's
     callbacks report as unraisable exceptions is held back, then shown if the block succeeded.
-    If it raised, they were that exception told dozens of times over, and are dropped: the
-    exception itself says what failed. CBAM_JAX_DEBUG=1 holds nothing back."""
+    If it raised, they were that exception told dozens of times over, and are dropped, as are
+    the reports of the work it abandoned, which end later: the exception itself says what
+    failed. CBAM_JAX_DEBUG=1 holds nothing back."""
     if debugging():
         yield
         return
@@ -228,8 +230,12 @@ def _reports_held():
     sys.unraisablehook = held.hook
     try:
         yield
-    finally:
+    except BaseException:
+        _drop_late_reports_of_abandoned_writes(hook)  # in place before the held ones go
+        raise
+    else:
         sys.unraisablehook = hook
+    finally:
         absl.removeFilter(held.filter)
     for record in held.records:
         absl.handle(record)
@@ -261,12 +267,37 @@ def _not_an_abandoned_write(record: logging.LogRecord) -> bool:
     return not ("exception was never retrieved" in text and "os_error_code" in text)
 
 
+class _LateWakeUpsDropped:
+    """sys.unraisablehook less tensorstore's wake-ups of a closed event loop: a write that
+    ends after orbax gave up on it and closed the loop that was waiting for it."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            self.hook(unraisable)
+
+
+def _drop_late_reports_of_abandoned_writes(unraisablehook) -> None:
+    """After orbax failed, its other writes may still be in flight; each ends later (on a
+    busy machine, after the error was raised) and is reported where it ends: tensorstore's
+    "Event loop is closed" (orbax closed the loop that waited for it), asyncio's "exception
+    was never retrieved", a write's coroutine "never awaited". From now on these reports are
+    dropped, on top of `unraisablehook`; every other report still shows."""
+    if not isinstance(unraisablehook, _LateWakeUpsDropped):
+        unraisablehook = _LateWakeUpsDropped(unraisablehook)
+    sys.unraisablehook = unraisablehook
+    logging.getLogger("asyncio").addFilter(_not_an_abandoned_write)  # a no-op when there
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            message=r"coroutine 'async_serialize_from_host\.")
+
+
 def _orbax(run, failure):
     """run() with orbax's reports held; an exception that `failure(e)` turns into one of this
     module's errors is raised as that, after the abandoned work is collected (its coroutines
-    end now, quietly, not at exit). Writes still in flight when the first one failed may fail
-    later, and asyncio reports each as it is collected, on a busy machine after this returns:
-    from then on asyncio's reports of failed writes are dropped (the error says what failed)."""
+    end now, quietly, not at exit)."""
     with _reports_held():
         error = None
         try:
@@ -275,7 +306,6 @@ def _orbax(run, failure):
             error = failure(e)
             if error is None or debugging():
                 raise
-        logging.getLogger("asyncio").addFilter(_not_an_abandoned_write)  # once: a no-op after
         gc.collect()
         raise error
 

@@ -282,18 +282,48 @@ def test_a_failed_write_is_one_oserror_naming_the_step_and_nothing_else_is_print
 
 
 
-def test_writes_that_fail_after_the_error_was_raised_are_not_reported_again(tmp_path,
-                                                                            caplog):
-    """On a busy machine orbax's other writes of the step may fail after the first failure was
-    raised; asyncio reports each when it is collected, later. After a storage error those
-    reports are dropped; asyncio's other reports are not."""
+def test_writes_that_fail_after_the_error_was_raised_are_not_reported_again(
+        tmp_path, caplog, monkeypatch):
+    """On a busy machine orbax's other writes of the step may end after the first failure was
+    raised: tensorstore then wakes orbax's closed event loop (an unraisable "Event loop is
+    closed"), and asyncio reports each failed write when it is collected. After a storage
+    error those reports are dropped; other unraisable exceptions and asyncio's other reports
+    are not."""
     import asyncio
+    import threading
 
+    import tensorstore as ts
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
     failed = ValueError("RESOURCE_EXHAUSTED: Error writing x: No space left on device "
                         "[os_error_code='28']")
+    in_flight, write = ts.Promise.new()
+
+    def save_like_orbax():  # a loop closed with a task still waiting for a write
+        async def first_write_fails():
+            asyncio.ensure_future(write)
+            await asyncio.sleep(0)
+            raise failed
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(first_write_fails())
+        finally:
+            loop.close()
+
     with pytest.raises(OSError):
-        checkpoint._orbax(lambda: (_ for _ in ()).throw(failed),
+        checkpoint._orbax(save_like_orbax,
                           lambda e: checkpoint._storage_failure(e, tmp_path / "best" / "2"))
+    ends = threading.Thread(target=in_flight.set_exception, args=(ValueError(f"late: {failed}"),))
+    ends.start()
+    ends.join()
+
+    class FailsWhenCollected:
+        def __del__(self):
+            raise RuntimeError("something else")
+    FailsWhenCollected()
+    assert [repr(e) for e in unraisable] == ["RuntimeError('something else')"]
+
     caplog.clear()
     loop = asyncio.new_event_loop()
     try:
@@ -305,6 +335,7 @@ def test_writes_that_fail_after_the_error_was_raised_are_not_reported_again(tmp_
         loop.close()
     reported = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
     assert len(reported) == 1 and "something else" in reported[0]
+
 
 def test_a_failed_events_or_figure_write_names_the_file(tmp_path):
     from matplotlib.figure import Figure
