@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CONTROL_FLOW_ONLY
 
 REPO = Path(__file__).resolve().parents[1]
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
@@ -320,7 +321,9 @@ def free_port() -> int:
 def two_processes(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_processes")
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+    # What is checked is who trains, writes and saves, and that the replicated state is the
+    # same bits on both processes, which holds at any optimisation level.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **CONTROL_FLOW_ONLY,
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
                                                         os.environ.get("PYTHONPATH")])))
     procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(WORKER), str(i), str(port),
