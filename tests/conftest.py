@@ -50,7 +50,8 @@ LONGEST_FIRST = ("test_kill.py", "test_gpu_check.py")
 
 def pytest_collection_modifyitems(config, items):
     """The longest files first, then the other files with slow tests, then the rest: a run on
-    several xdist workers (`--dist loadfile` hands out whole files in collection order) starts
+    several xdist workers (`--dist loadfile --no-loadscope-reorder` hands out whole files in
+    collection order; without the second flag, the files with the most tests go first) starts
     the long files early and ends on short ones. Within a file the order is unchanged."""
     has_slow = {item.path for item in items if item.get_closest_marker("slow")}
 
