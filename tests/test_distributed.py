@@ -4,8 +4,8 @@ its single device.
 
 Runtime on 2 CPU cores: about 3 minutes, almost all of it XLA compiles: the
 8-vs-1-device epoch 50-75 s (two step shapes on each mesh), the bf16 run about 65 s, the two
-processes 40-60 s (one train, eval and attention compile each, in parallel). Those three are
-in the slow tier (make test-all)."""
+processes about 30 s (one train, eval and attention compile each, in parallel, with most XLA
+optimisations off). Those three are in the slow tier (make test-all)."""
 import json
 import os
 import socket
