@@ -27,17 +27,17 @@ train: install
 # test: the fast tier, every module without the tests marked slow (whole trainings, killed and
 # multi-process runs, wheels, the benchmark and GPU-check harnesses). test-all: every test, the
 # longest files and the others with slow tests handed out first (tests/conftest.py orders them)
-# so that the long ones start early and short ones fill the end. --no-loadscope-reorder keeps
-# that order: by default xdist hands out the files with the most tests first.
+# so that the long ones start early and short ones fill the end (--no-loadscope-reorder keeps
+# that order: by default xdist hands out the files with the most tests first).
 WORKERS ?= 2
-XDIST := -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
+XDIST := -n $(WORKERS) --dist loadfile --durations=25
 FAST_TIER := $(PY) -m pytest -q -m "not slow" $(XDIST)
 
 test: install
 	$(FAST_TIER)
 
 test-all: install
-	$(PY) -m pytest -q $(XDIST)
+	$(PY) -m pytest -q $(XDIST) --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -36,9 +36,9 @@ def test_readme_first_commands_are_the_setup_commands():
     assert re.search(r"^test-all: install$", makefile, flags=re.M)
     assert re.search(r"^FAST_TIER := .* -m pytest .*-m \"not slow\"", makefile, flags=re.M)
     assert re.search(r"^test: install\n\t\$\(FAST_TIER\)$", makefile, flags=re.M)
-    # test-all: every test (no -m filter), on the same workers
-    assert re.search(r"^test-all: install\n\t\$\(PY\) -m pytest -q \$\(XDIST\)$", makefile,
-                     flags=re.M)
+    # test-all: every test (no -m filter), on the same workers, in tests/conftest.py's order
+    assert re.search(r"^test-all: install\n\t\$\(PY\) -m pytest -q \$\(XDIST\) "
+                     r"--no-loadscope-reorder$", makefile, flags=re.M)
     assert re.search(r"^XDIST := -n \$\(WORKERS\) --dist loadfile", makefile, flags=re.M)
 
 
