@@ -281,11 +281,12 @@ class _LateWakeUpsDropped:
 
 
 def _drop_late_reports_of_abandoned_writes(unraisablehook) -> None:
-    """After orbax failed, its other writes may still be in flight; each ends later (on a
-    busy machine, after the error was raised) and is reported where it ends: tensorstore's
-    "Event loop is closed" (orbax closed the loop that waited for it), asyncio's "exception
-    was never retrieved", a write's coroutine "never awaited". From now on these reports are
-    dropped, on top of `unraisablehook`; every other report still shows."""
+    """After orbax failed, its other reads or writes may still be in flight; each ends later
+    (on a busy machine, after the error was raised) and is reported where it ends:
+    tensorstore's "Event loop is closed" (orbax closed the loop that waited for it), asyncio's
+    "exception was never retrieved" of a failed write, a write's coroutine "never awaited".
+    From now on these reports are dropped, on top of `unraisablehook`; every other report
+    still shows."""
     if not isinstance(unraisablehook, _LateWakeUpsDropped):
         unraisablehook = _LateWakeUpsDropped(unraisablehook)
     sys.unraisablehook = unraisablehook
