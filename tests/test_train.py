@@ -21,7 +21,7 @@ from PIL import Image
 from cbam_jax import rundir, train
 from cbam_jax.checkpoint import Checkpoints
 from cbam_jax.data import load_dataset
-from cbam_jax.distributed import make_mesh
+from cbam_jax.distributed import make_mesh, put_replicated
 from cbam_jax.loader import pad_to_batches, place_data
 from cbam_jax.logbook import event_files, read_events
 from cbam_jax.naming import named_leaves
@@ -52,6 +52,14 @@ def digits():
 def full_run(digits, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full") / "run"
     return fit(CONFIG, digits, run_dir, log=quiet, progress_stream=open("/dev/null", "w"))
+
+
+def placed_state(data):
+    """A fresh state placed as `fit` places it (replicated over the data's mesh): its calls are
+    the compiled ones of the runs above, where a state on one device would compile them anew."""
+    model, tx = build("float32")
+    return put_replicated(create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3),
+                          data.batch_sharding.mesh)
 
 
 def summaries(run_dir):
@@ -264,11 +272,10 @@ def test_rolled_loop_over_steps_matches_one_call_per_step(digits):
     1e-4 relative by step 7), so 8 steps agree to 1e-3 relative. Only 8 steps: on XLA:CPU the
     rolled loop runs about 10x slower per step than one call per step.
     """
-    model, tx = build("float32")
     data = place_data(digits, make_mesh(), batch_size=32)
 
     def first_losses(looped):
-        state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
+        state = placed_state(data)
         record = train.new_epoch_record(state.rng, np.int32(0), data.num_train, DIGITS_BATCHES)
         shape = CallShape(size=32, looped=looped, with_grads=False)
         for first, count in ([(0, 8)] if looped else [(b, 1) for b in range(8)]):
@@ -318,12 +325,10 @@ class _AlwaysDue(train.EpochObserver):
 def test_the_epoch_loop_reads_whenever_its_observer_asks(digits):
     """Between log_every reads too: how the progress line keeps a log from staying silent
     (logbook.EpochReporter asks every 30 s off a terminal)."""
-    model, tx = build("float32")
-    state = create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3)
     observer = _AlwaysDue()
     config = dataclasses.replace(CONFIG, log_every=1000)
     data = place_data(digits, make_mesh(), batch_size=32)
-    train.train_epoch(state, data, 0, config, observer)
+    train.train_epoch(placed_state(data), data, 0, config, observer)
     # After every call: on CPU each call trains one batch.
     plan = epoch_plan(len(digits.train_labels), 32, config.hist_every)
     assert observer.reads == [call.first + call.count for call in plan]
@@ -354,33 +359,30 @@ def test_evaluation_covers_every_test_image_exactly_once(digits, full_run):
 
 
 @pytest.mark.slow
-def test_training_compiles_the_train_step_once_per_call_shape(tmp_path):
+def test_training_compiles_the_train_step_once_per_call_shape(digits, tmp_path):
     """Two epochs through `fit`: each distinct CallShape of the epoch plan compiles once (a
     state placed on one device, or anything else that changes between calls, would make the
-    second epoch compile again). Batch 40: no other test compiles it, so the count starts at 0."""
-    rng = np.random.default_rng(0)
-    # Batches 0-3 of 40, batch 4 of 8; hist_every=3 takes gradients at 2. On CPU (one step per
-    # call): the full batches' call, batch 2's call with gradients, the last batch's call.
-    n = 4 * 40 + 8
-    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, n).astype(np.int32)
-    small = dataclasses.replace(load_dataset("digits", log=quiet), train_images=images,
-                                train_labels=labels)
-    config = TrainConfig(epochs=2, batch_size=40, log_every=1000, hist_every=3)
+    second epoch compile again). JAX's in-memory caches are emptied first, so that the count
+    starts at 0; the pytest run's persistent cache still serves the programs (a hit counts as a
+    compile here), so the steps of the 8-epoch run are loaded, not compiled again."""
+    # hist_every=20 takes gradients at batches 19 and 39 of 45. On CPU (one step per call): the
+    # full batches' call, their call with gradients, the last batch's call (29 images).
+    config = dataclasses.replace(CONFIG, epochs=2, log_every=1000)
     compiled = []
 
     def listen(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
             compiled.append(kwargs.get("fun_name"))
 
+    jax.clear_caches()
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
-        fit(config, small, tmp_path / "run", log=quiet, progress_stream=open("/dev/null", "w"))
+        fit(config, digits, tmp_path / "run", log=quiet, progress_stream=open("/dev/null", "w"))
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    shapes = {call.shape for call in epoch_plan(n, 40, config.hist_every)}
-    assert shapes == {CallShape(40, False, True), CallShape(40, False, False),
-                      CallShape(8, False, False)}
+    shapes = {call.shape for call in epoch_plan(len(digits.train_labels), 32, config.hist_every)}
+    assert shapes == {CallShape(32, False, True), CallShape(32, False, False),
+                      CallShape(29, False, False)}
     assert compiled.count("jit(train_batches)") == len(shapes), compiled
     assert compiled.count("jit(eval_batches)") == 1, compiled
 
