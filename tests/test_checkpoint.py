@@ -29,7 +29,6 @@ from cbam_jax import checkpoint
 from cbam_jax.checkpoint import (MANIFEST, Checkpoints, DamagedCheckpointError, read_meta,
                                  restore_variables, status, step_directory, verify)
 
-from conftest import CONTROL_FLOW_ONLY
 
 ROOT = Path(__file__).resolve().parents[1]
 FLIPPED = 64  # bytes flipped in each chunk, the file's size unchanged
@@ -358,6 +357,8 @@ def test_a_failed_events_or_figure_write_names_the_file(tmp_path):
 
 # --- the command lines -----------------------------------------------------------------------
 
+# The flags of every run here, and of tests/test_inference.py's: one set of compiled steps,
+# shared through the pytest run's compilation cache (tests/conftest.py).
 TRAIN = ["--dataset", "digits", "--batch-size", "64", "--devices", "1", "--log-every", "1000",
          "--hist-every", "1000"]
 
@@ -394,18 +395,26 @@ def set_file_size_limit():  # in the child, before it runs
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
 
 
+@pytest.fixture(scope="module")
+def one_epoch(cache, tmp_path_factory):
+    """A run directory whose epoch 1 is committed (a run names no path of its own in it: a copy
+    resumes as the run would)."""
+    run_dir = tmp_path_factory.mktemp("one_epoch") / "run"
+    first = run("train.py", *TRAIN, "--epochs", 1, "--run-dir", run_dir, cache=cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    return run_dir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("failure", ["disk full", "file size limit"])
 def test_a_run_that_runs_out_of_space_ends_in_one_error_line_keeping_its_checkpoints(
-        failure, cache, tmp_path):
-    """Epoch 1 is committed; then the disk is full (a tmpfs filled to 2 MB of room), or writes
-    past 1 MiB fail (where no tmpfs can be mounted, both cases use the limit)."""
-    env = CONTROL_FLOW_ONLY  # what is checked is the error and the checkpoints kept
+        failure, one_epoch, cache, tmp_path):
+    """A copy of a run whose epoch 1 is committed resumes; then the disk is full (a tmpfs filled
+    to 2 MB of room), or writes past 1 MiB fail (where no tmpfs can be mounted, both cases use
+    the limit)."""
     with small_disk(64) as disk:
         run_dir = (disk or tmp_path) / "run"
-        first = run("train.py", *TRAIN, "--epochs", 1, "--run-dir", run_dir, cache=cache,
-                    env=env)
-        assert first.returncode == 0, first.stderr[-3000:]
+        shutil.copytree(one_epoch, run_dir)
         limit, cause = {}, "File too large"
         if failure == "disk full" and disk is not None:
             free = shutil.disk_usage(disk).free
@@ -416,7 +425,7 @@ def test_a_run_that_runs_out_of_space_ends_in_one_error_line_keeping_its_checkpo
         else:
             limit = {"preexec_fn": set_file_size_limit}
         second = run("train.py", *TRAIN, "--epochs", 2, "--resume", run_dir, cache=cache,
-                     env=env, **limit)
+                     **limit)
         lines = second.stderr.splitlines()
         assert second.returncode == 1 and len(lines) == 1, second.stderr[-3000:]
         assert lines[0].startswith(f"error: cannot write {run_dir / 'checkpoints'}/")

@@ -1,10 +1,13 @@
 """Using a trained model: `cbam_jax.inference`, `scripts/evaluate.py`, `predict.py` and
 `export.py` (StableHLO, and ONNX through `parity.onnx_export`), all on ONE short digits run.
 
-The run is `scripts/train.py --dataset digits --epochs 1` in a subprocess, as a user trains it
-(on a CPU host it splits each batch over one device per core), shared by every test here.
-Runtime on 2 CPU cores: 2-3.5 min, most of it the training subprocess (50-123 s), then the
-evaluate subprocess (16 s), the StableHLO export and reload (15 s) and the ONNX export (13 s).
+The run is `scripts/train.py --dataset digits --epochs 1` in a subprocess, as a user trains it,
+on one device (where a CPU host's default is a device per core: evaluate.py must follow the
+run's record), shared by every test here. Its flags are tests/test_checkpoint.py's runs', so
+the two files share their compiled steps through the pytest run's compilation cache.
+Runtime on 2 CPU cores, in `make test-all`: about 2 min; the training subprocess 19 s (its
+steps loaded from the cache), the evaluate subprocess 15 s, the StableHLO export and reload
+24 s, Grad-CAM on a new ResNet-18 21 s.
 The tests that read the run are in the slow tier (make test-all); the image, help and
 malicious-file tests are fast.
 """
@@ -32,7 +35,9 @@ from parity.onnx_export import check_onnx, onnx_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-BATCH_SIZE = 32  # the run's; 1437 digits = 44 * 32 + 29
+RUN = ["--dataset", "digits", "--batch-size", "64", "--devices", "1", "--log-every", "1000",
+       "--hist-every", "1000"]
+BATCH_SIZE = 32  # predict's
 
 
 def run_script(name, *args, **kwargs):
@@ -53,8 +58,7 @@ def run_dir(tmp_path_factory):
     """One epoch on digits through scripts/train.py: run.json, checkpoints, the .pth."""
     jax.devices()  # this process keeps its device count: the scripts below cannot change it
     run_dir = tmp_path_factory.mktemp("inference") / "run"
-    result = run_script("train.py", "--dataset", "digits", "--epochs", 1, "--batch-size",
-                        BATCH_SIZE, "--log-every", 1000, "--hist-every", 1000,
+    result = run_script("train.py", *RUN, "--epochs", 1,
                         "--compile-cache", os.environ["JAX_COMPILATION_CACHE_DIR"],
                         "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -105,8 +109,8 @@ def test_evaluate_reproduces_the_runs_test_loss_and_accuracy_exactly(run_dir, lo
 @pytest.mark.slow
 def test_evaluate_reads_the_runs_pth_with_the_run_json_beside_it(run_dir, logged, tmp_path,
                                                                    capsys):
-    """In this process (one CPU device against the run's per-core split): the same accuracy,
-    and the loss to float32 rounding."""
+    """In this process (pytest's one CPU device, without the scripts' XLA settings): the same
+    accuracy, and the loss to float32 rounding."""
     code = load_script("evaluate.py").main([str(run_dir / "digits_cbam_cnn_model.pth"),
                                             "--out-dir", str(tmp_path)])
     assert code == 0
@@ -142,7 +146,7 @@ def test_what_is_not_a_checkpoint_gets_a_clear_error(run_dir, tmp_path):
 @pytest.mark.slow
 def test_a_checkpoint_and_the_runs_pth_hold_the_same_model(run_dir, trained):
     from_pth = load_any_checkpoint(run_dir / "digits_cbam_cnn_model.pth")
-    assert (trained.dataset, trained.epoch, trained.config.batch_size) == ("digits", 1, 32)
+    assert (trained.dataset, trained.epoch, trained.config.batch_size) == ("digits", 1, 64)
     assert trained.verified is True and from_pth.verified is None  # its SHA256SUMS held
     assert trained.class_names == tuple("0123456789")
     leaves = jax.tree.leaves((trained.state.params, trained.state.batch_stats))
