@@ -115,12 +115,16 @@ def test_evaluation_on_eight_devices_equals_one_device(one_and_eight):
 
 # --- the data-parallel step's layouts ---------------------------------------------------------
 
-KERNEL_GRADIENT_DOTS = """
+# One 2-device process answers both tests below: the dots of the compiled step, then the
+# collectives of the compiled evaluation calls.
+TWO_DEVICE_LAYOUTS = """
     import json, re
     from unittest import mock
-    import jax, jax.numpy as jnp
+    import jax, jax.numpy as jnp, numpy as np
     from jax import lax
     from cbam_jax import distributed, train
+    from cbam_jax.data import load_digits
+    from cbam_jax.loader import place_data
     from cbam_jax.ops import fused as ops
 
     mesh = distributed.make_mesh(2)
@@ -138,33 +142,7 @@ KERNEL_GRADIENT_DOTS = """
     out = {"dense_dot_general": dot_shapes()}
     with mock.patch.object(ops, "dense_dot_general", lax.dot_general):  # autodiff's gradient
         out["lax.dot_general"] = dot_shapes()
-    print(json.dumps(out))
-"""
 
-
-@pytest.mark.slow
-def test_fc1s_kernel_gradient_is_computed_in_the_kernels_layout_on_two_devices():
-    """Autodiff computes fc1's kernel gradient as [512, 2048] and transposes it after the
-    all-reduce, inside Adam's update (18% of the step, docs/benchmarks.md);
-    `ops.dense_dot_general` computes it as [2048, 512]. The control runs autodiff's version."""
-    shapes = last_json(run_python(KERNEL_GRADIENT_DOTS, timeout=300,
-                                  xla_flags="--xla_force_host_platform_device_count=2"))
-    assert "f32[2048,512]" in shapes["dense_dot_general"], shapes
-    assert "f32[512,2048]" not in shapes["dense_dot_general"], shapes
-    assert "f32[512,2048]" in shapes["lax.dot_general"], shapes  # the control: transposed
-
-
-EVAL_COLLECTIVES = """
-    import json, re
-    import jax, numpy as np
-    from cbam_jax import distributed, train
-    from cbam_jax.data import load_digits
-    from cbam_jax.loader import place_data
-
-    mesh = distributed.make_mesh(2)
-    model, tx = train.build("float32")
-    state = distributed.put_replicated(
-        train.create_train_state(model, tx, jax.random.PRNGKey(0), 1e-3), mesh)
     data = place_data(load_digits(), mesh, 64)
     record = jax.device_put({"loss": np.zeros((6, 64), np.float32),
                              "correct": np.zeros((6, 64), bool)}, distributed.rows_sharding(mesh))
@@ -174,16 +152,34 @@ EVAL_COLLECTIVES = """
                                          looped=False).compile().as_text()
     per_batch = jax.jit(lambda s, d: train.eval_step(s, *d.test_batch(0))).lower(
         state, data).compile().as_text()
-    print(json.dumps({"eval_batches": collectives(per_image), "eval_step": collectives(per_batch)}))
+    out.update(eval_batches=collectives(per_image), eval_step=collectives(per_batch))
+    print(json.dumps(out))
 """
 
 
+@pytest.fixture(scope="module")
+def two_device_layouts():
+    return last_json(run_python(TWO_DEVICE_LAYOUTS, timeout=300,
+                                xla_flags="--xla_force_host_platform_device_count=2"))
+
+
 @pytest.mark.slow
-def test_evaluation_calls_do_not_synchronise_the_devices():
+def test_fc1s_kernel_gradient_is_computed_in_the_kernels_layout_on_two_devices(
+        two_device_layouts):
+    """Autodiff computes fc1's kernel gradient as [512, 2048] and transposes it after the
+    all-reduce, inside Adam's update (18% of the step, docs/benchmarks.md);
+    `ops.dense_dot_general` computes it as [2048, 512]. The control runs autodiff's version."""
+    shapes = two_device_layouts
+    assert "f32[2048,512]" in shapes["dense_dot_general"], shapes
+    assert "f32[512,2048]" not in shapes["dense_dot_general"], shapes
+    assert "f32[512,2048]" in shapes["lax.dot_general"], shapes  # the control: transposed
+
+
+@pytest.mark.slow
+def test_evaluation_calls_do_not_synchronise_the_devices(two_device_layouts):
     """`eval_batches` keeps each image's loss on its device, so a call has no collective, where
     a per-batch mean (`eval_step`, the control) ends each call with an all-reduce."""
-    found = last_json(run_python(EVAL_COLLECTIVES, timeout=300,
-                                 xla_flags="--xla_force_host_platform_device_count=2"))
+    found = two_device_layouts
     assert found["eval_batches"] == [], found
     assert "all-reduce" in found["eval_step"], found
 
