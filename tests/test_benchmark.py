@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from conftest import CONTROL_FLOW_ONLY
 
 _spec = importlib.util.spec_from_file_location(
     "benchmark", Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py")
@@ -176,7 +177,10 @@ def test_processes_summary_gives_each_contenders_ratio_in_every_process(report):
 
 
 @pytest.mark.slow
-def test_processes_flag_runs_each_measurement_in_a_fresh_process(tmp_path):
+def test_processes_flag_runs_each_measurement_in_a_fresh_process(tmp_path, monkeypatch):
+    # What is checked is the processes and their files, not their timings.
+    for name, value in CONTROL_FLOW_ONLY.items():
+        monkeypatch.setenv(name, value)  # for the processes, which inherit the environment
     summary = benchmark.main(["--sections", "nnx", "--quick", "--reps", "1", "--processes", "2",
                               "--out", str(tmp_path)])
     assert summary["processes"] == 2 and len(summary["load_average_at_start"]) == 2
