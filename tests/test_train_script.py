@@ -298,9 +298,11 @@ def test_resume_of_a_directory_with_nothing_to_resume_leaves_it_empty(script, ca
 
 @pytest.mark.slow
 def test_two_default_runs_started_together_finish_in_two_directories(tmp_path):
-    # The steps of tests/test_checkpoint.py's runs (batch 64, one device; an epoch shorter than
-    # the cadences logs its last batch either way), compiled once per pytest run.
-    flags = ["--dataset", "digits", "--epochs", "1", "--devices", "1"]
+    # The steps of conftest.DIGITS_RUN's runs (batch 64, one device; an epoch shorter than
+    # the cadences logs its last batch either way), from the pytest run's compilation cache (a
+    # run's default cache is the user's).
+    flags = ["--dataset", "digits", "--epochs", "1", "--devices", "1", "--compile-cache",
+             os.environ["JAX_COMPILATION_CACHE_DIR"]]
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), *flags], cwd=tmp_path, env=ENV,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
