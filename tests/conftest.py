@@ -42,6 +42,11 @@ def pytest_unconfigure(config):
 # Numeric tests keep full optimisation.
 CONTROL_FLOW_ONLY = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
 
+# The flags of the digits runs of scripts/train.py that tests/test_checkpoint.py and
+# tests/test_inference.py read (with --epochs): one set of compiled steps for all of them.
+DIGITS_RUN = ["--dataset", "digits", "--batch-size", "64", "--devices", "1", "--log-every",
+              "1000", "--hist-every", "1000"]
+
 
 # The two longest fixtures: a chain of 13 processes killed in turn, and the GPU check's steps
 # each in its own process. They go out first, one to each worker, so that neither ends the run.

@@ -29,6 +29,7 @@ from cbam_jax import checkpoint
 from cbam_jax.checkpoint import (MANIFEST, Checkpoints, DamagedCheckpointError, read_meta,
                                  restore_variables, status, step_directory, verify)
 
+from conftest import DIGITS_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 FLIPPED = 64  # bytes flipped in each chunk, the file's size unchanged
@@ -357,11 +358,6 @@ def test_a_failed_events_or_figure_write_names_the_file(tmp_path):
 
 # --- the command lines -----------------------------------------------------------------------
 
-# The flags of every run here, and of tests/test_inference.py's: one set of compiled steps,
-# shared through the pytest run's compilation cache (tests/conftest.py).
-TRAIN = ["--dataset", "digits", "--batch-size", "64", "--devices", "1", "--log-every", "1000",
-         "--hist-every", "1000"]
-
 
 def run(script: str, *args, cache: Path, env=None, **kwargs):
     env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
@@ -400,7 +396,7 @@ def one_epoch(cache, tmp_path_factory):
     """A run directory whose epoch 1 is committed (a run names no path of its own in it: a copy
     resumes as the run would)."""
     run_dir = tmp_path_factory.mktemp("one_epoch") / "run"
-    first = run("train.py", *TRAIN, "--epochs", 1, "--run-dir", run_dir, cache=cache)
+    first = run("train.py", *DIGITS_RUN, "--epochs", 1, "--run-dir", run_dir, cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
     return run_dir
 
@@ -424,7 +420,7 @@ def test_a_run_that_runs_out_of_space_ends_in_one_error_line_keeping_its_checkpo
             cause = "No space left on device"
         else:
             limit = {"preexec_fn": set_file_size_limit}
-        second = run("train.py", *TRAIN, "--epochs", 2, "--resume", run_dir, cache=cache,
+        second = run("train.py", *DIGITS_RUN, "--epochs", 2, "--resume", run_dir, cache=cache,
                      **limit)
         lines = second.stderr.splitlines()
         assert second.returncode == 1 and len(lines) == 1, second.stderr[-3000:]
@@ -440,7 +436,7 @@ def damaged_run(cache, tmp_path_factory):
     64 bytes flipped in each array chunk, and an uninterrupted 3-epoch run to compare with."""
     root = tmp_path_factory.mktemp("damaged")
     for name, epochs in (("whole", 3), ("run", 2)):
-        result = run("train.py", *TRAIN, "--epochs", epochs, "--run-dir", root / name,
+        result = run("train.py", *DIGITS_RUN, "--epochs", epochs, "--run-dir", root / name,
                      cache=cache)
         assert result.returncode == 0, result.stderr[-3000:]
     run_dir = root / "run"
@@ -475,7 +471,7 @@ def test_evaluate_and_predict_refuse_a_damaged_checkpoint_in_one_line(damaged_ru
 def test_resume_skips_the_damaged_checkpoints_and_ends_as_an_uninterrupted_run(damaged_run,
                                                                                 cache):
     root, run_dir, damaged = damaged_run
-    resumed = run("train.py", *TRAIN, "--epochs", 3, "--resume", run_dir, cache=cache)
+    resumed = run("train.py", *DIGITS_RUN, "--epochs", 3, "--resume", run_dir, cache=cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     skipped = [line for line in resumed.stdout.splitlines() if "skipping it" in line]
     assert sorted(line.split()[1] for line in skipped) == sorted(map(str, damaged))

@@ -4,7 +4,7 @@
 The run is `scripts/train.py --dataset digits --epochs 1` in a subprocess, as a user trains it,
 on one device (where a CPU host's default is a device per core: evaluate.py must follow the
 run's record), shared by every test here. Its flags are tests/test_checkpoint.py's runs', so
-the two files share their compiled steps through the pytest run's compilation cache.
+the two files share their compiled steps (conftest.DIGITS_RUN).
 Runtime on 2 CPU cores, in `make test-all`: about 2 min; the training subprocess 19 s (its
 steps loaded from the cache), the evaluate subprocess 15 s, the StableHLO export and reload
 24 s, Grad-CAM on a new ResNet-18 21 s.
@@ -33,10 +33,10 @@ from cbam_jax.data import Normalization, load_dataset
 from parity import load_checkpoint as load_any_checkpoint
 from parity.onnx_export import check_onnx, onnx_ops
 
+from conftest import DIGITS_RUN
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-RUN = ["--dataset", "digits", "--batch-size", "64", "--devices", "1", "--log-every", "1000",
-       "--hist-every", "1000"]
 BATCH_SIZE = 32  # predict's
 
 
@@ -58,7 +58,7 @@ def run_dir(tmp_path_factory):
     """One epoch on digits through scripts/train.py: run.json, checkpoints, the .pth."""
     jax.devices()  # this process keeps its device count: the scripts below cannot change it
     run_dir = tmp_path_factory.mktemp("inference") / "run"
-    result = run_script("train.py", *RUN, "--epochs", 1,
+    result = run_script("train.py", *DIGITS_RUN, "--epochs", 1,
                         "--compile-cache", os.environ["JAX_COMPILATION_CACHE_DIR"],
                         "--run-dir", run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
